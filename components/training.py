@@ -1,0 +1,283 @@
+"""train: fine-tune `AutoModelForSequenceClassification` with the `transformers` Trainer.
+
+What makes it fast and safe: dynamic padding and length-grouped batches (little compute spent on
+padding), bf16 (fp16 where bf16 is missing) on CUDA, evaluation on validation each epoch with
+early stopping and best-model selection, checkpoints that a restarted step resumes from, a seed.
+The output is a servable HF directory: weights (safetensors), config with id2label/label2id,
+the tokenizer the data was made with, and `fineserve.json` describing how it was trained.
+"""
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from components.errors import DataError
+from components.tokenization import STATS_FILE, TOKENIZER_DIR
+from fineserve.defaults import component_image
+
+log = logging.getLogger(__name__)
+
+MODEL_INFO_FILE = "fineserve.json"
+
+
+def precision_flags() -> dict[str, bool]:
+    """bf16 on CUDA devices that support it, fp16 on other CUDA devices, fp32 on CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"bf16": False, "fp16": False}
+    bf16 = torch.cuda.is_bf16_supported()
+    return {"bf16": bf16, "fp16": not bf16}
+
+
+def _compute_metrics(num_labels: int):
+    from components.metrics import ClassificationReport
+
+    report = ClassificationReport()
+
+    def compute(eval_pred) -> dict[str, float]:
+        logits, labels = eval_pred
+        result = report.compute(
+            predictions=logits.argmax(-1), references=labels, num_labels=num_labels
+        )
+        return {"accuracy": result["accuracy"], "macro_f1": result["macro_f1"]}
+
+    return compute
+
+
+def train_model(
+    tokenized_dir: str,
+    out_dir: str,
+    *,
+    base_model: str,
+    base_model_revision: str = "",
+    epochs: float = 3.0,
+    learning_rate: float = 5e-5,
+    batch_size: int = 32,
+    eval_batch_size: int = 128,
+    weight_decay: float = 0.01,
+    warmup_ratio: float = 0.06,
+    early_stopping_patience: int = 2,
+    max_steps: int = -1,
+    seed: int = 42,
+    checkpoint_dir: str = "",
+    group_by_length: bool = True,
+) -> dict[str, Any]:
+    """Fine-tune ``base_model`` on the tokenized splits and save the best model to ``out_dir``.
+
+    ``checkpoint_dir`` (default: ``<out_dir>.checkpoints``) keeps a checkpoint per epoch while
+    training; a restarted run with the same inputs resumes from the last one. It is removed once
+    training succeeds. Returns the training metrics.
+    """
+    import datasets
+    import torch
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        EarlyStoppingCallback,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
+
+    if epochs <= 0 and max_steps <= 0:
+        raise DataError(f"epochs must be positive, got {epochs}")
+    if batch_size < 1 or eval_batch_size < 1:
+        raise DataError(f"batch sizes must be at least 1, got {batch_size} and {eval_batch_size}")
+    data = datasets.load_from_disk(tokenized_dir)
+    for split in ("train", "validation"):
+        if split not in data or len(data[split]) == 0:
+            raise DataError(f"the tokenized dataset has no rows in split {split!r}")
+    label_names = data["train"].features["label"].names
+    tokenizer = AutoTokenizer.from_pretrained(Path(tokenized_dir, TOKENIZER_DIR))
+    tokenize_info = json.loads(Path(tokenized_dir, STATS_FILE).read_text())
+
+    set_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base_model,
+        revision=base_model_revision or None,
+        num_labels=len(label_names),
+        id2label=dict(enumerate(label_names)),
+        label2id={name: i for i, name in enumerate(label_names)},
+    )
+    flags = precision_flags()
+    checkpoint_dir = checkpoint_dir or f"{out_dir.rstrip('/')}.checkpoints"
+    args = TrainingArguments(
+        output_dir=checkpoint_dir,
+        num_train_epochs=epochs,
+        max_steps=max_steps,
+        learning_rate=learning_rate,
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=eval_batch_size,
+        weight_decay=weight_decay,
+        warmup_steps=warmup_ratio,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="macro_f1",
+        greater_is_better=True,
+        train_sampling_strategy="group_by_length" if group_by_length else "random",
+        length_column_name="length",
+        seed=seed,
+        data_seed=seed,
+        logging_strategy="epoch",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        **flags,
+    )
+    collator = DataCollatorWithPadding(
+        tokenizer, pad_to_multiple_of=8 if torch.cuda.is_available() else None
+    )
+    callbacks = []
+    if early_stopping_patience > 0:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=early_stopping_patience))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=data["train"],
+        eval_dataset=data["validation"],
+        data_collator=collator,
+        processing_class=tokenizer,
+        compute_metrics=_compute_metrics(len(label_names)),
+        callbacks=callbacks,
+    )
+    run_key = {
+        "data": tokenize_info,
+        "rows": data.num_rows,
+        "base_model": [base_model, base_model_revision],
+        "hyperparameters": [epochs, max_steps, learning_rate, batch_size, weight_decay, seed],
+    }
+    resume_from = _resumable_checkpoint(checkpoint_dir, run_key)
+    if resume_from:
+        log.info("resuming from checkpoint %s", resume_from)
+    result = trainer.train(resume_from_checkpoint=resume_from)
+
+    trainer.save_model(out_dir)  # the best model (load_best_model_at_end), safetensors
+    tokenizer.save_pretrained(out_dir)
+    best = trainer.state.best_metric
+    metrics = {
+        "train_samples_per_second": round(result.metrics["train_samples_per_second"], 3),
+        "train_runtime_s": round(result.metrics["train_runtime"], 2),
+        "train_loss": round(result.training_loss, 5),
+        "epochs_completed": round(trainer.state.epoch or 0.0, 3),
+        "best_validation_macro_f1": round(best, 5) if best is not None else None,
+        "train_rows": len(data["train"]),
+        "validation_rows": len(data["validation"]),
+    }
+    info = {
+        "base_model": base_model,
+        "base_model_revision": base_model_revision,
+        "dataset": tokenize_info["dataset"],
+        "max_length": tokenize_info["max_length"],
+        "labels": label_names,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "precision": "bf16" if flags["bf16"] else "fp16" if flags["fp16"] else "fp32",
+        "resumed_from": Path(resume_from).name if resume_from else None,
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "hyperparameters": {
+            "epochs": epochs,
+            "max_steps": max_steps,
+            "learning_rate": learning_rate,
+            "batch_size": batch_size,
+            "weight_decay": weight_decay,
+            "warmup_ratio": warmup_ratio,
+            "early_stopping_patience": early_stopping_patience,
+            "seed": seed,
+        },
+        "train_metrics": metrics,
+    }
+    Path(out_dir, MODEL_INFO_FILE).write_text(json.dumps(info, indent=2))
+    Path(out_dir, "training_args.bin").unlink(missing_ok=True)
+    shutil.rmtree(checkpoint_dir)  # done: optimizer state is 3x the model and must not be resumed
+    return {**metrics, "device": info["device"], "precision": info["precision"]}
+
+
+def _resumable_checkpoint(checkpoint_dir: str, run_key: dict[str, Any]) -> str | None:
+    """The last checkpoint of an interrupted run with the same inputs and settings, if any.
+
+    Checkpoints of a different run (other data, model or hyperparameters) are cleared rather
+    than resumed: resuming them would silently train on the wrong inputs.
+    """
+    from transformers.trainer_utils import get_last_checkpoint
+
+    key_file = Path(checkpoint_dir, "fineserve_run.json")
+    if os.path.isdir(checkpoint_dir):
+        if key_file.exists() and json.loads(key_file.read_text()) == run_key:
+            return get_last_checkpoint(checkpoint_dir)
+        if get_last_checkpoint(checkpoint_dir):
+            log.warning("ignoring checkpoints in %s: they belong to another run", checkpoint_dir)
+        shutil.rmtree(checkpoint_dir)
+    Path(checkpoint_dir).mkdir(parents=True)
+    key_file.write_text(json.dumps(run_key))
+    return None
+
+
+@dsl.component(base_image=component_image(), install_kfp_package=False)
+def train(
+    tokenized: Input[Dataset],
+    model: Output[Model],
+    metrics: Output[Metrics],
+    base_model: str,
+    base_model_revision: str = "",
+    epochs: float = 3.0,
+    learning_rate: float = 5e-5,
+    batch_size: int = 32,
+    eval_batch_size: int = 128,
+    weight_decay: float = 0.01,
+    warmup_ratio: float = 0.06,
+    early_stopping_patience: int = 2,
+    max_steps: int = -1,
+    seed: int = 42,
+    checkpoint_dir: str = "",
+):
+    """Fine-tune a sequence-classification model on the tokenized data.
+
+    Args:
+        tokenized: Input DatasetDict and tokenizer from the tokenize step.
+        model: Output HF directory (safetensors, config with id2label, tokenizer, fineserve.json).
+        metrics: Output training metrics, including train samples/s.
+        base_model: Hub id or local directory of the base checkpoint.
+        base_model_revision: Hub revision of the base checkpoint; empty for the default branch.
+        epochs: Maximum number of epochs (early stopping may end sooner).
+        learning_rate: Peak AdamW learning rate (linear decay after warm-up).
+        batch_size: Training batch size per device.
+        eval_batch_size: Evaluation batch size per device.
+        weight_decay: AdamW weight decay.
+        warmup_ratio: Share of the training steps used for linear warm-up.
+        early_stopping_patience: Epochs without validation macro-F1 gain before stopping; 0 off.
+        max_steps: Stop after this many optimizer steps; -1 for no limit.
+        seed: Seed for initialisation, shuffling and dropout.
+        checkpoint_dir: Where epoch checkpoints go (mount a volume here so a retried or
+            restarted step resumes); empty for a folder next to the model output.
+    """
+    from components.training import train_model
+
+    result = train_model(
+        tokenized.path,
+        model.path,
+        base_model=base_model,
+        base_model_revision=base_model_revision,
+        epochs=epochs,
+        learning_rate=learning_rate,
+        batch_size=batch_size,
+        eval_batch_size=eval_batch_size,
+        weight_decay=weight_decay,
+        warmup_ratio=warmup_ratio,
+        early_stopping_patience=early_stopping_patience,
+        max_steps=max_steps,
+        seed=seed,
+        checkpoint_dir=checkpoint_dir,
+    )
+    model.metadata.update({"framework": "transformers", **result})
+    for name, value in result.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            metrics.log_metric(name, value)
