@@ -7,6 +7,7 @@ stages, and ARG defaults, which is all the assertions below need.
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import json
 import re
 import shlex
@@ -320,6 +321,7 @@ def test_entrypoint_is_the_predictor_with_kserve_style_default_args(dockerfile):
         f"ENTRYPOINT must be exec form ['python', '-m', 'serving'] (signals reach Python), "
         f"got {entrypoints[-1].value}"
     )
+    assert importlib.util.find_spec("serving.__main__"), "serving/__main__.py is missing"
     cmds = final.all("CMD")
     cmd = cmds[-1].exec_form() if cmds else None
     assert cmd and "--model_dir=/mnt/models" in cmd, (

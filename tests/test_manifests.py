@@ -8,6 +8,7 @@ deserializer into the kserve SDK's typed models and written back: a field the SD
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -208,6 +209,24 @@ def test_predictor_runs_the_image_entrypoint_on_the_kserve_model_dir(base):
     assert uri.rstrip("/").endswith("/artifacts/hf_model"), (
         "STORAGE_URI should be a model version's HF directory (<version>/artifacts/hf_model)"
     )
+
+
+@pytest.mark.parametrize("kustomization", [BASE, *OVERLAYS], ids=lambda p: p.name)
+def test_predictor_args_parse_with_the_serving_command_line(kustomization):
+    """`python -m serving` rejects unknown flags: a bad arg is a CrashLoopBackOff."""
+    if importlib.util.find_spec("serving.cli") is None:
+        pytest.skip("serving.cli (the `python -m serving` parser) does not exist yet")
+    from serving.cli import build_parser
+
+    container = predictor_container(kustomize(kustomization))
+    args = container.get("args", [])
+    try:
+        parsed = build_parser().parse_args(args)
+    except SystemExit as exc:
+        raise AssertionError(f"`python -m serving` rejects the predictor args {args}") from exc
+    assert parsed.model_dir == "/mnt/models"
+    ports = [p["containerPort"] for p in container["ports"]]
+    assert parsed.http_port in ports, f"serving listens on {parsed.http_port}, pod port {ports}"
 
 
 def test_predictor_probes_use_the_v2_health_endpoints_on_the_served_port(base):
