@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from kfp import dsl
 from kfp.dsl import Dataset, Output
 
 from components.errors import DataError
-from fineserve.defaults import component_image
+from components.kfp_wrapper import component
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +320,7 @@ def read_metadata(dataset_dir: str) -> dict[str, Any]:
     return json.loads(Path(dataset_dir, METADATA_FILE).read_text())
 
 
-@dsl.component(base_image=component_image(), install_kfp_package=False)
+@component
 def download(
     dataset: Output[Dataset],
     source: str,

@@ -11,7 +11,6 @@ import logging
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from kfp import dsl
 from kfp.dsl import (
     Artifact,
     ClassificationMetrics,
@@ -24,7 +23,7 @@ from kfp.dsl import (
 )
 
 from components.errors import DataError
-from fineserve.defaults import component_image
+from components.kfp_wrapper import component
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +180,7 @@ def summary_metrics(result: dict[str, Any]) -> dict[str, float]:
     return {name: round(float(value), 5) for name, value in scalars.items()}
 
 
-@dsl.component(base_image=component_image(), install_kfp_package=False)
+@component
 def evaluate(
     dataset: Input[Dataset],
     model: Input[Model],

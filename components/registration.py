@@ -18,8 +18,9 @@ from kfp.dsl import Artifact, Input, Markdown, Model
 
 from components.errors import DataError
 from components.evaluation import summary_metrics
+from components.kfp_wrapper import component
 from components.training import MODEL_INFO_FILE
-from fineserve.defaults import component_image, local_tracking_uri
+from fineserve.defaults import local_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +173,7 @@ def register_model(
     }
 
 
-@dsl.component(base_image=component_image(), install_kfp_package=False)
+@component
 def register(
     model: Input[Model],
     results: Input[Artifact],

@@ -11,12 +11,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from kfp import dsl
 from kfp.dsl import Dataset, Input, Output
 
 from components.download import read_metadata
 from components.errors import DataError
-from fineserve.defaults import component_image
+from components.kfp_wrapper import component
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +94,7 @@ def tokenize_dataset(
     return result
 
 
-@dsl.component(base_image=component_image(), install_kfp_package=False)
+@component
 def tokenize(
     dataset: Input[Dataset],
     tokenized: Output[Dataset],

@@ -14,12 +14,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
 from components.errors import DataError
+from components.kfp_wrapper import component
 from components.tokenization import STATS_FILE, TOKENIZER_DIR
-from fineserve.defaults import component_image
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +220,7 @@ def _resumable_checkpoint(checkpoint_dir: str, run_key: dict[str, Any]) -> str |
     return None
 
 
-@dsl.component(base_image=component_image(), install_kfp_package=False)
+@component
 def train(
     tokenized: Input[Dataset],
     model: Output[Model],
