@@ -1,0 +1,136 @@
+"""Command lines: `python -m serving` (KServe style) and `fineserve serve` (dash style)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+from pathlib import Path
+
+from serving.predictor import ServeOptions
+
+_DEFAULTS = ServeOptions()
+#: (option, type, help) of the predictor knobs; defaults come from ServeOptions.
+_KNOBS: list[tuple[str, type, str]] = [
+    ("max_batch_size", int, "Most texts per forward pass; 1 turns dynamic batching off."),
+    ("max_batch_wait_ms", float, "Longest wait for more requests while a batch is not full."),
+    ("max_batch_tokens", int, "Most padded tokens per forward pass (texts x longest)."),
+    ("max_texts_per_request", int, "Most texts in one request; more is a 400."),
+    ("max_request_bytes", int, "Largest request body; larger is a 413."),
+]
+_DEVICES = ("auto", "cpu", "cuda")
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _add_knobs(parser: argparse.ArgumentParser, sep: str) -> None:
+    group = parser.add_argument_group("predictor")
+    for name, kind, text in _KNOBS:
+        default = getattr(_DEFAULTS, name)
+        flag = "--" + name.replace("_", sep)
+        group.add_argument(flag, dest=name, type=kind, default=default, help=f"{text} ({default})")
+    group.add_argument(
+        "--device", choices=_DEVICES, default="auto", help="auto: CUDA when present, else CPU."
+    )
+    group.add_argument(
+        "--dtype", choices=_DTYPES, default="auto", help="auto: bfloat16 on a GPU, else float32."
+    )
+
+
+def options_from_args(args: argparse.Namespace) -> ServeOptions:
+    """The ServeOptions named by parsed knob arguments."""
+    return ServeOptions(**{f.name: getattr(args, f.name) for f in fields(ServeOptions)})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`python -m serving`: KServe's ModelServer options plus --model_dir and the knobs."""
+    from kserve import model_server
+
+    parser = argparse.ArgumentParser(
+        prog="python -m serving",
+        parents=[model_server.parser],
+        description="Serve a fineserve text classifier with KServe (v1/v2 REST, v2 gRPC).",
+    )
+    parser.add_argument("--model_dir", required=True, help="HF directory (or an MLflow model).")
+    _add_knobs(parser, "_")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of `python -m serving`."""
+    from serving.model_uri import find_hf_dir
+    from serving.server import serve
+
+    args = build_parser().parse_args(argv)
+    serve(
+        find_hf_dir(args.model_dir),
+        model_name=args.model_name,
+        options=options_from_args(args),
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        workers=args.workers,
+        max_threads=args.max_threads,
+        max_asyncio_workers=args.max_asyncio_workers,
+        enable_grpc=args.enable_grpc,
+        enable_docs_url=args.enable_docs_url,
+        enable_latency_logging=args.enable_latency_logging,
+        access_log_format=args.access_log_format,
+        event_loop=args.event_loop,
+        timeout_keep_alive=args.timeout_keep_alive,
+    )
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `fineserve serve`."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model-dir", dest="model_dir", help="Local HF directory to serve.")
+    source.add_argument(
+        "--model-uri",
+        dest="model_uri",
+        help="MLflow URI to download and serve (models:/NAME@ALIAS, models:/NAME/VERSION, ...).",
+    )
+    parser.add_argument(
+        "--model-name",
+        dest="model_name",
+        default=None,
+        help="Name on the endpoint path (default: NAME of a models:/ URI, else 'model').",
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        dest="tracking_uri",
+        default=None,
+        help="MLflow tracking URI for --model-uri (default: $MLFLOW_TRACKING_URI).",
+    )
+    parser.add_argument("--http-port", dest="http_port", type=int, default=8080)
+    parser.add_argument("--grpc-port", dest="grpc_port", type=int, default=8081)
+    _add_knobs(parser, "-")
+
+
+def default_model_name(model_uri: str | None) -> str:
+    """NAME of ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``; otherwise "model"."""
+    if model_uri and model_uri.startswith("models:/"):
+        name = model_uri[len("models:/") :].split("@", 1)[0].split("/", 1)[0]
+        if name:
+            return name
+    return "model"
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    """Resolve the model (downloading a --model-uri through MLflow), then serve it."""
+    from serving.model_uri import find_hf_dir, resolve_model_dir
+    from serving.server import serve
+
+    options = options_from_args(args)  # fail on bad knobs before any download
+    if args.model_uri:
+        if args.tracking_uri:
+            import mlflow
+
+            mlflow.set_tracking_uri(args.tracking_uri)
+        model_dir = resolve_model_dir(args.model_uri)
+    else:
+        model_dir = find_hf_dir(Path(args.model_dir))
+    serve(
+        model_dir,
+        model_name=args.model_name or default_model_name(args.model_uri),
+        options=options,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+    )

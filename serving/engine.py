@@ -1,0 +1,166 @@
+"""Load a fineserve HF directory and classify lists of texts (tokenize, length-bucket, forward)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: Tokenizers without a limit report this sentinel (int(1e30)) as model_max_length.
+_NO_LIMIT = 10**9
+
+
+class ModelDirError(ValueError):
+    """The model directory is missing or is not a servable fineserve classifier."""
+
+
+def pick_device(device: str) -> torch.device:
+    """`auto` means CUDA when present, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` means bf16 on a GPU that supports it, else float32."""
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose auto or one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def read_model_version(model_dir: Path) -> str:
+    """`model_version` from fineserve.json, else $FINESERVE_MODEL_VERSION, else "unknown"."""
+    meta = _read_fineserve_json(model_dir)
+    version = meta.get("model_version")
+    if version not in (None, ""):
+        return str(version)
+    return os.environ.get("FINESERVE_MODEL_VERSION") or "unknown"
+
+
+def _read_fineserve_json(model_dir: Path) -> dict:
+    path = model_dir / "fineserve.json"
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelDirError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise ModelDirError(f"{path} must hold a JSON object")
+    return meta
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Indices (into the caller's list) of texts padded and run together."""
+
+    indices: list[int]
+    padded_len: int
+
+
+def plan_chunks(lengths: list[int], max_texts: int, max_tokens: int) -> list[Chunk]:
+    """Sort by token length and cut into chunks of similar length.
+
+    A chunk holds at most ``max_texts`` texts and at most ``max_tokens`` padded tokens
+    (texts x longest), so short texts ride in wide chunks and long ones in narrow chunks.
+    """
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    chunks: list[Chunk] = []
+    current: list[int] = []
+    for index in order:
+        longest = lengths[index]  # ascending order: the newcomer is the longest
+        if current and (len(current) >= max_texts or (len(current) + 1) * longest > max_tokens):
+            chunks.append(Chunk(current, lengths[current[-1]]))
+            current = []
+        current.append(index)
+    if current:
+        chunks.append(Chunk(current, lengths[current[-1]]))
+    return chunks
+
+
+class TextClassifier:
+    """A sequence-classification model plus its tokenizer, ready for batched inference."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_batch_size: int = 32,
+        max_batch_tokens: int = 2048,
+    ) -> None:
+        self.model_dir = Path(model_dir)
+        if not (self.model_dir / "config.json").is_file():
+            raise ModelDirError(f"{self.model_dir} has no config.json; not a HF model directory")
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            self.model_dir,
+            use_safetensors=True,
+            trust_remote_code=False,
+            local_files_only=True,
+            dtype=self.dtype,
+        )
+        self.model.to(self.device).eval()
+        id2label = {int(k): str(v) for k, v in (self.model.config.id2label or {}).items()}
+        if sorted(id2label) != list(range(self.model.config.num_labels)):
+            raise ModelDirError(f"{self.model_dir}/config.json id2label does not cover every class")
+        self.labels: list[str] = [id2label[i] for i in range(len(id2label))]
+        self.max_length = self._max_length()
+        self.model_version = read_model_version(self.model_dir)
+
+    def _max_length(self) -> int:
+        limit = self.tokenizer.model_max_length
+        if not limit or limit >= _NO_LIMIT:
+            limit = _read_fineserve_json(self.model_dir).get("max_length") or _NO_LIMIT
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        if positions:
+            limit = min(int(limit), int(positions))
+        if limit >= _NO_LIMIT:
+            raise ModelDirError(f"{self.model_dir}: cannot tell the model's max sequence length")
+        return int(limit)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Token ids per text (special tokens added, truncated to the model's max length)."""
+        encoded = self.tokenizer(
+            texts, truncation=True, max_length=self.max_length, return_attention_mask=False
+        )
+        return encoded["input_ids"]
+
+    def predict_proba(self, texts: list[str]) -> np.ndarray:
+        """Class probabilities, float32 [len(texts), num_labels], in the input order."""
+        ids = self.token_ids(texts)
+        probs = np.empty((len(texts), self.num_labels), dtype=np.float32)
+        for chunk in plan_chunks([len(x) for x in ids], self.max_batch_size, self.max_batch_tokens):
+            probs[chunk.indices] = self._forward([ids[i] for i in chunk.indices])
+        return probs
+
+    @torch.inference_mode()
+    def _forward(self, ids: list[list[int]]) -> np.ndarray:
+        batch = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt")
+        batch = {name: tensor.to(self.device) for name, tensor in batch.items()}
+        logits = self.model(**batch).logits
+        return torch.softmax(logits.float(), dim=-1).cpu().numpy()

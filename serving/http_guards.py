@@ -1,0 +1,90 @@
+"""Make bad HTTP input a clear 4xx: body size limit, unparseable bodies, binary decoding."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from kserve.constants.constants import INFERENCE_CONTENT_LENGTH_HEADER
+from kserve.errors import InferenceError, InvalidInput
+from kserve.protocol.dataplane import DataPlane
+from kserve.protocol.infer_type import InferRequest
+from kserve.protocol.rest.v2_datamodels import InferenceRequest
+from starlette.exceptions import HTTPException
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": message})
+
+
+async def validation_error_handler(_: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 for a body it cannot parse, as a 400 naming the problem in KServe's shape."""
+    errors = exc.errors()
+    # the v2 body is typed InferenceRequest | bytes: the "not bytes" alternative is noise
+    errors = [e for e in errors if tuple(e.get("loc", ()))[-1:] != ("bytes",)] or errors
+    problems = []
+    for error in errors:
+        if error.get("type") == "json_invalid":
+            detail = (error.get("ctx") or {}).get("error", error.get("msg", ""))
+            problems.append(f"malformed JSON in request body ({detail})")
+            continue
+        loc = [str(p) for p in error.get("loc", ()) if p not in ("body", "InferenceRequest")]
+        problems.append(f"{'.'.join(loc) or 'body'}: {error.get('msg', 'invalid')}")
+    return _error(400, "invalid inference request: " + "; ".join(problems))
+
+
+def http_error_handler(max_request_bytes: int) -> Callable[[Request, HTTPException], Any]:
+    """FastAPI's HTTP errors, with the body-limit 413 and unparseable-body 400 made specific."""
+
+    async def handle(request: Request, exc: HTTPException) -> Response:
+        if exc.status_code == 413:
+            return _error(
+                413,
+                f"request body is larger than the limit of {max_request_bytes} bytes "
+                "(--max_request_bytes); send fewer or shorter texts per request",
+            )
+        cause = exc.__cause__
+        if exc.status_code == 400 and isinstance(cause, UnicodeDecodeError):
+            return _error(
+                400,
+                f"request body is not valid UTF-8: {cause.reason} "
+                f"(byte {cause.object[cause.start : cause.start + 1]!r} at offset {cause.start})",
+            )
+        return await http_exception_handler(request, exc)
+
+    return handle
+
+
+def install_http_guards(app: FastAPI, max_request_bytes: int) -> None:
+    """Limit request bodies and make FastAPI's own input errors clear 4xx answers."""
+    if not hasattr(app, "max_body_size"):
+        raise RuntimeError("this FastAPI has no request body limit (max_body_size); upgrade it")
+    app.max_body_size = max_request_bytes  # read when the middleware stack is built
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(HTTPException, http_error_handler(max_request_bytes))
+
+
+class GuardedDataPlane(DataPlane):
+    """KServe's DataPlane, with v2 bodies it cannot decode reported as a 400 naming the problem."""
+
+    def decode_inference_request(
+        self, body: bytes | InferenceRequest, headers: dict, model_name: str
+    ) -> InferRequest:
+        if isinstance(body, bytes) and INFERENCE_CONTENT_LENGTH_HEADER not in headers:
+            raise InvalidInput(
+                f"request body has Content-Type {headers.get('content-type', '(none)')!r}: "
+                "send JSON with Content-Type: application/json (or binary tensors with the "
+                f"{INFERENCE_CONTENT_LENGTH_HEADER} header)"
+            )
+        try:
+            return super().decode_inference_request(body, headers, model_name)
+        except InvalidInput:
+            raise
+        except (InferenceError, KeyError, TypeError, ValueError, struct.error) as exc:
+            reason = exc.reason if isinstance(exc, InferenceError) else repr(exc)
+            raise InvalidInput(f"malformed binary inference request: {reason}") from exc

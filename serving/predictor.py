@@ -1,0 +1,105 @@
+"""The KServe predictor: a `kserve.Model` that classifies texts through a dynamic batcher."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from kserve import Model
+from kserve.protocol.infer_type import InferRequest, InferResponse
+
+from serving import protocol
+from serving.batcher import DynamicBatcher
+from serving.engine import TextClassifier
+from serving.metrics import ModelMetrics
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """Knobs of the predictor (CLI flags of the same names)."""
+
+    max_batch_size: int = 32
+    max_batch_wait_ms: float = 5.0
+    max_batch_tokens: int = 2048
+    max_texts_per_request: int = 64
+    max_request_bytes: int = 1 << 20
+    device: str = "auto"
+    dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_batch_tokens", "max_texts_per_request"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.max_batch_wait_ms < 0:
+            raise ValueError("max_batch_wait_ms must not be negative")
+        if self.max_request_bytes < 1024:
+            raise ValueError("max_request_bytes must be at least 1024")
+
+
+class TextClassifierModel(Model):
+    """Serves a fineserve HF directory over v1 (`:predict`) and v2 (REST and gRPC)."""
+
+    def __init__(self, name: str, model_dir: str | Path, options: ServeOptions) -> None:
+        super().__init__(name)
+        self.model_dir = Path(model_dir)
+        self.options = options
+        self.classifier: TextClassifier | None = None
+        self.batcher: DynamicBatcher | None = None
+        self.metrics: ModelMetrics | None = None
+
+    def load(self) -> bool:
+        """Load weights and tokenizer, warm up once, and set up the batcher."""
+        opts = self.options
+        self.classifier = TextClassifier(
+            self.model_dir,
+            device=opts.device,
+            dtype=opts.dtype,
+            max_batch_size=opts.max_batch_size,
+            max_batch_tokens=opts.max_batch_tokens,
+        )
+        self.classifier.predict_proba(["warm-up"])
+        self.metrics = ModelMetrics(
+            self.name, self.classifier.model_version, str(self.classifier.device)
+        )
+        self.batcher = DynamicBatcher(
+            self.classifier.predict_proba,
+            max_batch_size=opts.max_batch_size,
+            max_batch_wait_s=opts.max_batch_wait_ms / 1000,
+            observer=self.metrics.observe_batch,
+        )
+        logger.info(
+            "loaded %s (version %s, %d labels, max_length %d) on %s/%s",
+            self.model_dir,
+            self.classifier.model_version,
+            self.classifier.num_labels,
+            self.classifier.max_length,
+            self.classifier.device,
+            self.classifier.dtype,
+        )
+        self.ready = True
+        return self.ready
+
+    def get_input_types(self) -> list[dict]:
+        return protocol.input_metadata()
+
+    def get_output_types(self) -> list[dict]:
+        return protocol.output_metadata(self.classifier.num_labels)
+
+    async def predict(
+        self, payload: dict | InferRequest, headers: dict[str, str] | None = None
+    ) -> dict | InferResponse:
+        """Validate the texts (400 on bad input), classify them in a batch, answer in kind."""
+        limit = self.options.max_texts_per_request
+        if isinstance(payload, InferRequest):
+            texts = protocol.texts_from_v2(payload, limit)
+        else:
+            texts = protocol.texts_from_v1(payload, limit)
+        probs = await self.batcher.submit(texts)
+        labels = self.classifier.labels
+        if isinstance(payload, InferRequest):
+            version = self.classifier.model_version
+            return protocol.v2_response(payload, probs, labels, self.name, version)
+        return protocol.v1_response(probs, labels)

@@ -1,0 +1,40 @@
+"""Run the predictor in KServe's ModelServer (REST v1/v2, gRPC v2, /metrics)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kserve import ModelServer
+from kserve import model_server as kserve_model_server
+
+from serving.http_guards import GuardedDataPlane, install_http_guards
+from serving.predictor import ServeOptions, TextClassifierModel
+
+
+class FineserveModelServer(ModelServer):
+    """ModelServer whose bad-input paths answer 4xx (see `serving.http_guards`)."""
+
+    def __init__(self, *, max_request_bytes: int, **kwargs: Any) -> None:
+        if kwargs.get("workers", 1) != 1:
+            raise ValueError(
+                "--workers must be 1: requests are batched inside one process; "
+                "scale out with more replicas instead"
+            )
+        super().__init__(**kwargs)
+        self.dataplane = GuardedDataPlane(model_registry=self.registered_models)
+        install_http_guards(kserve_model_server.app, max_request_bytes)
+
+
+def serve(
+    model_dir: str | Path,
+    *,
+    model_name: str,
+    options: ServeOptions,
+    **server_kwargs: Any,
+) -> None:
+    """Load the model, then serve it until SIGTERM/SIGINT (``server_kwargs`` go to ModelServer)."""
+    model = TextClassifierModel(model_name, model_dir, options)
+    model.load()
+    server = FineserveModelServer(max_request_bytes=options.max_request_bytes, **server_kwargs)
+    server.start([model])

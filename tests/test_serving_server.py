@@ -1,0 +1,362 @@
+"""The predictor over real HTTP and gRPC: `python -m serving` on free local ports, tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+from kserve import InferenceGRPCClient, InferenceRESTClient, RESTConfig
+from kserve.protocol.infer_type import InferInput, InferRequest
+from prometheus_client.parser import text_string_to_metric_families
+from serving_helpers import ServerProcess, serve_module_argv, v2_body
+
+from serving.engine import TextClassifier
+
+MODEL = "tiny"
+VERSION = "v7"
+LABELS = ["negative", "neutral", "positive"]
+MAX_TEXTS = 16
+MAX_BYTES = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_classifier, tmp_path_factory):
+    """The tiny classifier plus the fineserve.json the register step writes."""
+    path = tmp_path_factory.mktemp("served") / "model"
+    shutil.copytree(tiny_classifier, path)
+    (path / "fineserve.json").write_text(json.dumps({"max_length": 64, "model_version": VERSION}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    argv = serve_module_argv(
+        model_dir,
+        MODEL,
+        "--max_batch_size",
+        "16",
+        "--max_batch_wait_ms",
+        "20",
+        "--max_texts_per_request",
+        str(MAX_TEXTS),
+        "--max_request_bytes",
+        str(MAX_BYTES),
+        "--device",
+        "cpu",
+    )
+    with ServerProcess(argv, log_path=tmp_path_factory.mktemp("logs") / "server.log") as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    """Probabilities computed in-process, one text at a time: what the server must answer."""
+    classifier = TextClassifier(model_dir, device="cpu")
+    return lambda texts: np.concatenate([classifier.predict_proba([t]) for t in texts])
+
+
+@pytest.fixture(scope="module")
+def texts(corpus_frame) -> list[str]:
+    return corpus_frame["text"].sample(64, random_state=3).tolist()
+
+
+def _infer(http: httpx.Client, texts: list[str]) -> dict:
+    response = http.post(f"/v2/models/{MODEL}/infer", json=v2_body(texts))
+    assert response.status_code == 200, response.text
+    return {out["name"]: out for out in response.json()["outputs"]}
+
+
+def _probs(outputs: dict) -> np.ndarray:
+    out = outputs["probabilities"]
+    return np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
+
+
+# --- health and metadata ----------------------------------------------------------------------
+
+
+def test_health_and_readiness(http):
+    assert http.get("/v2/health/live").json() == {"live": True}
+    assert http.get("/v2/health/ready").json() == {"ready": True}
+    assert http.get(f"/v2/models/{MODEL}/ready").json() == {"name": MODEL, "ready": True}
+
+
+def test_metadata_lists_the_real_inputs_and_outputs(http):
+    meta = http.get(f"/v2/models/{MODEL}").json()
+    assert meta["name"] == MODEL
+    assert meta["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
+    assert meta["outputs"] == [
+        {"name": "label", "datatype": "BYTES", "shape": [-1]},
+        {"name": "label_id", "datatype": "INT64", "shape": [-1]},
+        {"name": "probabilities", "datatype": "FP32", "shape": [-1, 3]},
+    ]
+
+
+# --- inference --------------------------------------------------------------------------------
+
+
+def test_v2_inference_with_kserve_rest_client(server, texts, reference):
+    batch = texts[:5]
+
+    async def call():
+        client = InferenceRESTClient(RESTConfig(protocol="v2", retries=0, timeout=30))
+        request = InferRequest(
+            model_name=MODEL,
+            infer_inputs=[InferInput("text", [len(batch)], "BYTES", batch)],
+            request_id="req-42",
+        )
+        try:
+            return await client.infer(server.url, request, model_name=MODEL)
+        finally:
+            await client.close()
+
+    response = asyncio.run(call())
+    assert response.id == "req-42"
+    assert response.model_name == MODEL
+    probs = response.get_output_by_name("probabilities").as_numpy()
+    label_ids = response.get_output_by_name("label_id").as_numpy()
+    names = response.get_output_by_name("label").data
+    expected = reference(batch)
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+    assert label_ids.tolist() == expected.argmax(1).tolist()
+    assert names == [LABELS[i] for i in expected.argmax(1)]
+    parameters = response.get_output_by_name("probabilities").parameters
+    assert json.loads(parameters["labels"]) == LABELS
+
+
+def test_v2_requested_outputs_only(http, texts):
+    body = v2_body(texts[:2]) | {"outputs": [{"name": "label"}]}
+    response = http.post(f"/v2/models/{MODEL}/infer", json=body)
+    assert response.status_code == 200, response.text
+    assert [out["name"] for out in response.json()["outputs"]] == ["label"]
+    assert response.json()["model_version"] == VERSION
+
+
+def test_v1_predict(http, texts, reference):
+    batch = texts[:4]
+    response = http.post(f"/v1/models/{MODEL}:predict", json={"instances": batch})
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    expected = reference(batch)
+    assert [p["label_id"] for p in predictions] == expected.argmax(1).tolist()
+    assert [p["label"] for p in predictions] == [LABELS[i] for i in expected.argmax(1)]
+    got = np.array([[p["probabilities"][name] for name in LABELS] for p in predictions])
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_grpc_inference(server, texts, reference):
+    batch = texts[5:8]
+
+    async def call():
+        client = InferenceGRPCClient(server.grpc_target, retries=0, timeout=30)
+        try:
+            as_list = await client.infer(
+                InferRequest(
+                    MODEL, [InferInput("text", [3], "BYTES", list(batch))], request_id="g-1"
+                )
+            )
+            raw = InferInput("text", [3], "BYTES")
+            raw.set_data_from_numpy(np.array(batch, dtype=object), binary_data=True)
+            as_raw = await client.infer(InferRequest(MODEL, [raw], request_id="g-2"))
+            with pytest.raises(grpc.aio.AioRpcError) as bad:
+                await client.infer(InferRequest(MODEL, [InferInput("text", [1], "FP32", [1.0])]))
+            return as_list, as_raw, bad.value
+        finally:
+            await client.close()
+
+    as_list, as_raw, bad = asyncio.run(call())
+    expected = reference(batch)
+    for response, request_id in ((as_list, "g-1"), (as_raw, "g-2")):
+        assert response.id == request_id
+        probs = response.get_output_by_name("probabilities").as_numpy()
+        np.testing.assert_allclose(probs, expected, atol=1e-5)
+        assert response.get_output_by_name("label_id").as_numpy().tolist() == (
+            expected.argmax(1).tolist()
+        )
+    assert bad.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "datatype FP32" in bad.details()
+
+
+def test_over_long_texts_are_truncated_not_rejected(http):
+    head = " ".join(["great"] * 80)
+    outputs = _infer(http, [head + " terrible" * 5000, head])
+    probs = _probs(outputs)
+    np.testing.assert_allclose(probs[0], probs[1], atol=1e-5)  # beyond 64 tokens is cut
+
+
+def test_concurrent_requests_are_batched_and_answer_like_sequential_ones(http, server, texts):
+    requests = [texts[i : i + 1 + i % 3] for i in range(40)]
+    sequential = [_probs(_infer(http, r)) for r in requests]
+    before = _batch_stats(http)
+
+    async def fire():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            url = f"/v2/models/{MODEL}/infer"
+            return await asyncio.gather(*(client.post(url, json=v2_body(r)) for r in requests))
+
+    responses = asyncio.run(fire())
+    assert [r.status_code for r in responses] == [200] * len(requests)
+    for request, response, alone in zip(requests, responses, sequential, strict=True):
+        outputs = {out["name"]: out for out in response.json()["outputs"]}
+        np.testing.assert_allclose(_probs(outputs), alone, atol=1e-5)
+        assert len(outputs["label"]["data"]) == len(request)
+    after = _batch_stats(http)
+    passes = after["count"] - before["count"]
+    assert after["sum"] - before["sum"] == sum(len(r) for r in requests)
+    assert passes < len(requests), "concurrent requests were not coalesced into batches"
+
+
+def _batch_stats(http: httpx.Client) -> dict[str, float]:
+    stats = {}
+    for family in text_string_to_metric_families(http.get("/metrics").text):
+        if family.name == "fineserve_batch_size":
+            for sample in family.samples:
+                if sample.labels.get("model_version") == VERSION and sample.name.endswith(
+                    ("_count", "_sum")
+                ):
+                    stats[sample.name.rsplit("_", 1)[1]] = sample.value
+    return stats
+
+
+def test_metrics_carry_the_model_version(http, texts):
+    _infer(http, texts[:2])
+    families = {f.name: f for f in text_string_to_metric_families(http.get("/metrics").text)}
+    for name in ("fineserve_batch_size", "fineserve_queue_seconds"):
+        counts = [s for s in families[name].samples if s.name == f"{name}_count"]
+        assert counts and all(
+            s.labels == {"model_name": MODEL, "model_version": VERSION} for s in counts
+        )
+        assert counts[0].value >= 1
+    assert "request_predict_seconds" in families  # KServe's own latency histograms are kept
+
+
+# --- bad input: a 4xx naming the problem, and the server keeps serving ------------------------
+
+_GOOD = v2_body(["fine"])
+_INFER = f"/v2/models/{MODEL}/infer"
+_JSON = {"content-type": "application/json"}
+
+BAD_REQUESTS = {
+    "malformed JSON": (
+        _INFER,
+        {"content": b'{"inputs": [', "headers": _JSON},
+        400,
+        "malformed JSON",
+    ),
+    "missing inputs": (_INFER, {"json": {"id": "1"}}, 400, "inputs: Field required"),
+    "wrong datatype": (_INFER, {"json": v2_body([1.5], datatype="FP32")}, 400, "datatype FP32"),
+    "shape mismatch": (_INFER, {"json": v2_body(["a", "b"], shape=[3])}, 400, "shape [3]"),
+    "non-string item": (_INFER, {"json": v2_body(["a", 7])}, 400, "item 1 is int"),
+    "null item": (_INFER, {"json": v2_body(["a", None])}, 400, "item 1 is NoneType"),
+    "empty list": (_INFER, {"json": v2_body([])}, 400, "is empty"),
+    "too many texts": (
+        _INFER,
+        {"json": v2_body(["t"] * (MAX_TEXTS + 1))},
+        400,
+        f"at most {MAX_TEXTS}",
+    ),
+    "two inputs": (
+        _INFER,
+        {"json": {"inputs": v2_body(["a"])["inputs"] * 2}},
+        400,
+        "exactly one input",
+    ),
+    "body over limit": (
+        _INFER,
+        {"json": v2_body(["x" * (MAX_BYTES + 10)])},
+        413,
+        "too large",
+    ),
+    "chunked body over limit": (
+        _INFER,
+        {"content": iter([b'{"inputs": ["', b"x" * (MAX_BYTES + 10), b'"]}']), "headers": _JSON},
+        413,
+        f"limit of {MAX_BYTES} bytes",
+    ),
+    "invalid UTF-8": (
+        _INFER,
+        {"content": json.dumps(_GOOD).encode().replace(b"fine", b"fi\xffne"), "headers": _JSON},
+        400,
+        "not valid UTF-8",
+    ),
+    "lone surrogate": (
+        _INFER,
+        {"content": json.dumps(_GOOD).replace("fine", "\\ud800"), "headers": _JSON},
+        400,
+        "not valid UTF-8",
+    ),
+    "not JSON content type": (
+        _INFER,
+        {"content": b"fine", "headers": {"content-type": "text/plain"}},
+        400,
+        "Content-Type 'text/plain'",
+    ),
+    "binary header without inputs": (
+        _INFER,
+        {
+            "content": b"{}",
+            "headers": {
+                "content-type": "application/octet-stream",
+                "inference-header-content-length": "2",
+            },
+        },
+        400,
+        "malformed binary inference request",
+    ),
+    "unknown output": (
+        _INFER,
+        {"json": v2_body(["a"]) | {"outputs": [{"name": "logits"}]}},
+        400,
+        "logits",
+    ),
+    "unknown model (v2)": (
+        "/v2/models/nope/infer",
+        {"json": _GOOD},
+        404,
+        "nope does not exist",
+    ),
+    "unknown model (v1)": ("/v1/models/nope:predict", {"json": {"instances": ["a"]}}, 404, "nope"),
+    "v1 missing instances": (
+        f"/v1/models/{MODEL}:predict",
+        {"json": {"inputs": ["a"]}},
+        400,
+        'missing "instances"',
+    ),
+    "v1 malformed JSON": (
+        f"/v1/models/{MODEL}:predict",
+        {"content": b'{"instances": [', "headers": _JSON},
+        400,
+        "Unrecognized request format",
+    ),
+    "v1 non-string instance": (
+        f"/v1/models/{MODEL}:predict",
+        {"json": {"instances": [{"text": "a"}]}},
+        400,
+        "item 0 is dict",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_input_gets_a_4xx_naming_the_problem(http, server, case):
+    path, kwargs, status, message = BAD_REQUESTS[case]
+    response = http.post(path, **kwargs)
+    assert response.status_code == status, response.text
+    if response.headers["content-type"] == "application/json":
+        text = response.json().get("error") or response.json()["detail"]
+    else:  # Starlette answers a declared Content-Length over the limit in plain text
+        text = response.text
+    assert message.lower() in text.lower()
+    # ...and the server keeps serving
+    assert server.alive()
+    assert http.post(_INFER, json=_GOOD).status_code == 200

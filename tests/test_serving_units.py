@@ -1,0 +1,271 @@
+"""In-process tests of the predictor's parts: length bucketing, batcher, model loading, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from serving.batcher import DynamicBatcher
+from serving.cli import add_serve_arguments, build_parser, default_model_name, options_from_args
+from serving.engine import ModelDirError, TextClassifier, plan_chunks, read_model_version
+from serving.model_uri import find_hf_dir, resolve_model_dir
+
+
+@pytest.fixture(scope="module")
+def classifier(tiny_classifier) -> TextClassifier:
+    return TextClassifier(tiny_classifier, device="cpu", max_batch_size=8, max_batch_tokens=256)
+
+
+@pytest.fixture(scope="module")
+def corpus_texts(corpus_frame) -> list[str]:
+    return corpus_frame["text"].sample(40, random_state=1).tolist()
+
+
+# --- length bucketing -------------------------------------------------------------------------
+
+
+def test_plan_chunks_groups_similar_lengths_within_limits():
+    lengths = [30, 5, 12, 60, 6, 31, 11, 59, 7, 64]
+    chunks = plan_chunks(lengths, max_texts=3, max_tokens=130)
+    assert sorted(i for chunk in chunks for i in chunk.indices) == list(range(len(lengths)))
+    for chunk in chunks:
+        assert len(chunk.indices) <= 3
+        assert chunk.padded_len == max(lengths[i] for i in chunk.indices)
+        assert len(chunk.indices) * chunk.padded_len <= 130 or len(chunk.indices) == 1
+    # ascending: every chunk's texts are no longer than the next chunk's
+    for before, after in zip(chunks, chunks[1:], strict=False):
+        assert before.padded_len <= min(lengths[i] for i in after.indices)
+
+
+def test_plan_chunks_gives_an_over_budget_text_its_own_chunk():
+    chunks = plan_chunks([10, 500, 10], max_texts=8, max_tokens=100)
+    assert [sorted(c.indices) for c in chunks] == [[0, 2], [1]]
+
+
+# --- dynamic batcher --------------------------------------------------------------------------
+
+
+def _scores(texts: list[str]) -> np.ndarray:
+    """A deterministic stand-in model: one row per text, derived from the text itself."""
+    return np.array([[len(t), ord(t[0])] for t in texts], dtype=np.float32)
+
+
+def test_batcher_coalesces_concurrent_requests_and_keeps_answers_apart():
+    batches: list[int] = []
+    threads: set[int] = set()
+
+    def run(texts: list[str]) -> np.ndarray:
+        batches.append(len(texts))
+        threads.add(threading.get_ident())
+        return _scores(texts)
+
+    async def main() -> list[np.ndarray]:
+        batcher = DynamicBatcher(run, max_batch_size=8, max_batch_wait_s=0.05)
+        requests = [[f"{chr(97 + i)}" * (i + 1)] * (1 + i % 3) for i in range(12)]
+        results = await asyncio.gather(*(batcher.submit(r) for r in requests))
+        await batcher.close()
+        for request, result in zip(requests, results, strict=True):
+            np.testing.assert_array_equal(result, _scores(request))
+        return results
+
+    asyncio.run(main())
+    assert sum(batches) == sum(1 + i % 3 for i in range(12))
+    assert max(batches) <= 8
+    assert len(batches) < 12, "concurrent requests were not coalesced"
+    assert threading.get_ident() not in threads, "the forward pass ran on the event loop thread"
+
+
+def test_batcher_size_one_runs_each_request_alone_and_big_requests_whole():
+    batches: list[int] = []
+
+    def run(texts: list[str]) -> np.ndarray:
+        batches.append(len(texts))
+        return _scores(texts)
+
+    async def main() -> None:
+        batcher = DynamicBatcher(run, max_batch_size=1, max_batch_wait_s=0.01)
+        await asyncio.gather(*(batcher.submit(["x"]) for _ in range(5)), batcher.submit(["y"] * 3))
+        await batcher.close()
+
+    asyncio.run(main())
+    assert sorted(batches) == [1, 1, 1, 1, 1, 3]
+
+
+def test_batcher_reports_model_errors_to_callers_and_keeps_working():
+    def run(texts: list[str]) -> np.ndarray:
+        if "boom" in texts:
+            raise RuntimeError("model exploded")
+        return _scores(texts)
+
+    async def main() -> None:
+        batcher = DynamicBatcher(run, max_batch_size=4, max_batch_wait_s=0.0)
+        with pytest.raises(RuntimeError, match="model exploded"):
+            await batcher.submit(["boom"])
+        np.testing.assert_array_equal(await batcher.submit(["ok"]), _scores(["ok"]))
+        await batcher.close()
+
+    asyncio.run(main())
+
+
+def test_batcher_skips_requests_whose_caller_gave_up():
+    seen: list[str] = []
+    release = threading.Event()
+
+    def run(texts: list[str]) -> np.ndarray:
+        seen.extend(texts)
+        release.wait(5)
+        return _scores(texts)
+
+    async def main() -> None:
+        batcher = DynamicBatcher(run, max_batch_size=1, max_batch_wait_s=0.0)
+        first = asyncio.ensure_future(batcher.submit(["first"]))
+        await asyncio.sleep(0.05)  # "first" is now in the forward pass
+        gone = asyncio.ensure_future(batcher.submit(["gone"]))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        release.set()
+        await first
+        np.testing.assert_array_equal(await batcher.submit(["last"]), _scores(["last"]))
+        await batcher.close()
+
+    asyncio.run(main())
+    assert seen == ["first", "last"]
+
+
+# --- model loading and inference --------------------------------------------------------------
+
+
+def test_batched_results_equal_single_results(classifier, corpus_texts):
+    batched = classifier.predict_proba(corpus_texts)
+    single = np.concatenate([classifier.predict_proba([t]) for t in corpus_texts])
+    assert batched.shape == (len(corpus_texts), 3)
+    np.testing.assert_allclose(batched, single, atol=1e-5)
+    assert (batched.argmax(1) == single.argmax(1)).all()
+    np.testing.assert_allclose(batched.sum(1), 1.0, atol=1e-5)
+
+
+def test_inference_matches_plain_transformers(tiny_classifier, classifier, corpus_texts):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_classifier)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_classifier).eval()
+    texts = corpus_texts[:8]
+    with torch.inference_mode():
+        enc = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        expected = torch.softmax(model(**enc).logits, -1).numpy()
+    np.testing.assert_allclose(classifier.predict_proba(texts), expected, atol=1e-5)
+
+
+def test_long_texts_are_truncated_to_the_tokenizer_max_length(classifier):
+    assert classifier.max_length == 64  # the fixture's tokenizer model_max_length
+    head = " ".join(["good"] * 100)
+    ids = classifier.token_ids([head + " bad" * 2000])
+    assert len(ids[0]) == 64
+    a, b = classifier.predict_proba([head + " awful" * 3000, head + " lovely" * 10])
+    np.testing.assert_allclose(a, b, atol=1e-6)  # only the first 64 tokens count
+
+
+def test_labels_come_from_id2label(classifier):
+    assert classifier.labels == ["negative", "neutral", "positive"]
+
+
+def test_model_version_from_fineserve_json_then_env(tmp_path, monkeypatch):
+    monkeypatch.delenv("FINESERVE_MODEL_VERSION", raising=False)
+    assert read_model_version(tmp_path) == "unknown"
+    monkeypatch.setenv("FINESERVE_MODEL_VERSION", "from-env")
+    assert read_model_version(tmp_path) == "from-env"
+    (tmp_path / "fineserve.json").write_text(json.dumps({"max_length": 64, "model_version": 7}))
+    assert read_model_version(tmp_path) == "7"
+    (tmp_path / "fineserve.json").write_text("{not json")
+    with pytest.raises(ModelDirError, match="fineserve.json"):
+        read_model_version(tmp_path)
+
+
+def test_only_safetensors_weights_are_loaded(tiny_classifier, tmp_path):
+    from safetensors.torch import load_file
+
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_classifier / name, tmp_path / name)
+    torch.save(load_file(tiny_classifier / "model.safetensors"), tmp_path / "pytorch_model.bin")
+    with pytest.raises(OSError, match="safetensors"):
+        TextClassifier(tmp_path, device="cpu")
+
+
+def test_a_directory_without_config_is_rejected(tmp_path):
+    with pytest.raises(ModelDirError, match="config.json"):
+        TextClassifier(tmp_path, device="cpu")
+
+
+# --- model URIs -------------------------------------------------------------------------------
+
+
+def test_find_hf_dir_at_root_or_in_pyfunc_artifacts(tiny_classifier, tmp_path):
+    assert find_hf_dir(tiny_classifier) == tiny_classifier
+    nested = tmp_path / "artifacts" / "hf_model"
+    shutil.copytree(tiny_classifier, nested)
+    assert find_hf_dir(tmp_path) == nested
+    assert resolve_model_dir(str(tmp_path)) == nested
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        find_hf_dir(tmp_path / "artifacts")
+
+
+def test_find_hf_dir_follows_the_mlmodel_file(tiny_classifier, tmp_path):
+    # MLflow names the copied artifact after its source directory, not after the artifact key
+    shutil.copytree(tiny_classifier, tmp_path / "artifacts" / "checkpoint-final")
+    (tmp_path / "MLmodel").write_text(
+        "flavors:\n  python_function:\n    artifacts:\n      hf_model:\n"
+        "        path: artifacts/checkpoint-final\n"
+    )
+    assert find_hf_dir(tmp_path) == tmp_path / "artifacts" / "checkpoint-final"
+
+
+# --- command lines ----------------------------------------------------------------------------
+
+
+def test_fineserve_serve_arguments():
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = parser.parse_args(
+        ["--model-uri", "models:/sentiment@prod", "--http-port", "9000", "--max-batch-size", "8"]
+    )
+    assert (args.model_uri, args.model_dir, args.http_port, args.grpc_port) == (
+        "models:/sentiment@prod",
+        None,
+        9000,
+        8081,
+    )
+    options = options_from_args(args)
+    assert (options.max_batch_size, options.max_batch_wait_ms, options.device) == (8, 5.0, "auto")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model-dir", "a", "--model-uri", "models:/b@c"])
+    with pytest.raises(SystemExit):
+        parser.parse_args([])
+
+
+def test_python_m_serving_arguments_extend_kserve():
+    args = build_parser().parse_args(
+        ["--model_name", "m", "--model_dir", "/mnt/models", "--max_batch_wait_ms", "2"]
+    )
+    assert (args.model_name, args.model_dir, args.max_batch_wait_ms) == ("m", "/mnt/models", 2.0)
+    assert args.http_port == 8080 and args.enable_grpc  # KServe's own options are there
+
+
+def test_default_model_name_from_registry_uri():
+    assert default_model_name("models:/sentiment@champion") == "sentiment"
+    assert default_model_name("models:/sentiment/3") == "sentiment"
+    assert default_model_name("runs:/abc/model") == "model"
+    assert default_model_name(None) == "model"
+
+
+def test_bad_knobs_are_rejected():
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    with pytest.raises(ValueError, match="max_batch_size"):
+        options_from_args(parser.parse_args(["--model-dir", "x", "--max-batch-size", "0"]))
