@@ -67,12 +67,13 @@ def train_model(
     seed: int = 42,
     checkpoint_dir: str = "",
     group_by_length: bool = True,
+    callbacks: list | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``base_model`` on the tokenized splits and save the best model to ``out_dir``.
 
     ``checkpoint_dir`` (default: ``<out_dir>.checkpoints``) keeps a checkpoint per epoch while
     training; a restarted run with the same inputs resumes from the last one. It is removed once
-    training succeeds. Returns the training metrics.
+    training succeeds. ``callbacks`` are extra `TrainerCallback`s. Returns the training metrics.
     """
     import datasets
     import torch
@@ -136,7 +137,7 @@ def train_model(
     collator = DataCollatorWithPadding(
         tokenizer, pad_to_multiple_of=8 if torch.cuda.is_available() else None
     )
-    callbacks = []
+    callbacks = list(callbacks or [])
     if early_stopping_patience > 0:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=early_stopping_patience))
     trainer = Trainer(

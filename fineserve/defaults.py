@@ -42,3 +42,7 @@ def component_image() -> str:
 def local_tracking_uri(root: str | os.PathLike = ".") -> str:
     """The local MLflow default: a SQLite store `mlflow.db` in ``root``."""
     return f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+
+
+#: The MLflow server of manifests/base (Service `mlflow`, namespace `fineserve`, port 5000).
+CLUSTER_TRACKING_URI = "http://mlflow.fineserve.svc.cluster.local:5000"

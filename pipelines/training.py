@@ -32,6 +32,7 @@ class TrainingOutputs(NamedTuple):
     macro_f1: float
     model_version: str
     storage_uri: str
+    mlflow_run_id: str
 
 
 def build_training_pipeline(download_retries: int = DOWNLOAD_RETRIES):
@@ -188,6 +189,7 @@ def _training_dag(download_retries: int):
             macro_f1=scored.outputs["macro_f1"],
             model_version=registered.outputs["model_version"],
             storage_uri=registered.outputs["storage_uri"],
+            mlflow_run_id=registered.outputs["run_id"],
         )
 
     return training_pipeline

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
@@ -77,5 +78,6 @@ def small_corpus_csv(tmp_path_factory, corpus_frame) -> Path:
     """300 real rows, 100 per class, as a UTF-8 CSV with `text` and `label` columns."""
     sample = corpus_frame.groupby("label", group_keys=False).sample(n=100, random_state=0)
     path = tmp_path_factory.mktemp("corpus") / "small.csv"
-    sample.sample(frac=1.0, random_state=0).to_csv(path, index=False)
+    # quote every field: some tweets hold a bare carriage return, which unquoted ends the row
+    sample.sample(frac=1.0, random_state=0).to_csv(path, index=False, quoting=csv.QUOTE_ALL)
     return path

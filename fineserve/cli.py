@@ -1,0 +1,115 @@
+"""`fineserve`: compile, run and serve. A thin layer over `pipelines` and `serving`."""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from components.errors import DataError
+
+
+def _compile(args: argparse.Namespace) -> None:
+    from kfp import compiler
+
+    from pipelines.training import training_pipeline
+
+    compiler.Compiler().compile(training_pipeline, args.output)
+    print(f"wrote {args.output}: upload it in the Kubeflow UI (Pipelines > Upload pipeline)")
+
+
+def _user_values(args: argparse.Namespace) -> dict:
+    from pipelines.params import load_params_file, parse_assignments
+
+    values = load_params_file(args.params) if args.params else {}
+    values.update(parse_assignments(args.param))
+    return values
+
+
+def _run(args: argparse.Namespace) -> None:
+    from pipelines.local import run_local
+    from pipelines.params import local_run_arguments
+    from pipelines.training import training_pipeline
+
+    if not args.local:
+        raise SystemExit(
+            "fineserve run: only local runs (--local) are supported from this command; for "
+            "Kubeflow, `fineserve compile -o training.yaml` and upload it in the UI"
+        )
+    arguments = local_run_arguments(training_pipeline, _user_values(args), root=args.output_dir)
+    print("parameters:")
+    for name, value in sorted(arguments.items()):
+        print(f"  {name} = {value!r}")
+    run = run_local(arguments, Path(args.output_dir) / "local_outputs")
+    print(run.summary(arguments))
+
+
+def _params(args: argparse.Namespace) -> None:
+    from pipelines.params import parameter_types
+    from pipelines.training import training_pipeline
+
+    for name, (kind, default) in parameter_types(training_pipeline).items():
+        print(f"{name:<24} {kind.__name__:<6} {default!r}")
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from serving.cli import run_serve
+
+    run_serve(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `fineserve` command line."""
+    from serving.cli import add_serve_arguments
+
+    parser = argparse.ArgumentParser(prog="fineserve", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    compile_cmd = commands.add_parser("compile", help="write the pipeline IR YAML for Kubeflow")
+    compile_cmd.add_argument("-o", "--output", default="training.yaml", help="output file")
+    compile_cmd.set_defaults(func=_compile)
+
+    run_cmd = commands.add_parser("run", help="run the training pipeline")
+    run_cmd.add_argument(
+        "--local", action="store_true", help="run here with kfp.local.SubprocessRunner"
+    )
+    run_cmd.add_argument(
+        "-p",
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a pipeline parameter (repeatable); `fineserve params` lists them",
+    )
+    run_cmd.add_argument("--params", metavar="FILE.yaml", help="pipeline parameters from YAML")
+    run_cmd.add_argument(
+        "--output-dir",
+        default=".",
+        help="where local_outputs/, mlflow.db and mlartifacts/ go (default: here)",
+    )
+    run_cmd.set_defaults(func=_run)
+
+    params_cmd = commands.add_parser("params", help="list pipeline parameters and defaults")
+    params_cmd.set_defaults(func=_params)
+
+    serve_cmd = commands.add_parser("serve", help="serve a model with the KServe predictor")
+    add_serve_arguments(serve_cmd)
+    serve_cmd.set_defaults(func=_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `fineserve` console script."""
+    from pipelines.params import ParameterError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ParameterError, DataError) as err:
+        print(f"fineserve {args.command}: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
+    except RuntimeError as err:  # kfp.local: a step failed; its log above says why
+        if "finished with status" not in str(err):
+            raise
+        print(f"fineserve {args.command}: {err}", file=sys.stderr)
+        raise SystemExit(1) from err

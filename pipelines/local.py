@@ -1,0 +1,82 @@
+"""Run the training DAG on this machine with `kfp.local.SubprocessRunner`.
+
+Each step runs as a subprocess of the current Python environment (which must have fineserve
+installed), streams its logs, and writes its artifacts under ``output_dir/<run name>/<task>/``.
+"""
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from components.evaluation import summary_metrics
+from components.training import MODEL_INFO_FILE
+from pipelines.training import PIPELINE_NAME, build_training_pipeline
+
+
+@dataclass
+class LocalRun:
+    """Where a finished local run left its results."""
+
+    run_dir: Path
+    outputs: dict[str, Any]
+    metrics: dict[str, float]
+    train_info: dict[str, Any]
+    seconds: float
+
+    def summary(self, arguments: dict[str, Any]) -> str:
+        """What the user reads at the end of `fineserve run --local`."""
+        m, train = self.metrics, self.train_info["train_metrics"]
+        name, version = arguments["model_name"], self.outputs["model_version"]
+        lines = [
+            f"fineserve run finished in {self.seconds / 60:.1f} min",
+            f"  test  accuracy {m['accuracy']:.4f} [{m['accuracy_ci_low']:.4f}, "
+            f"{m['accuracy_ci_high']:.4f}]  macro-F1 {m['macro_f1']:.4f} "
+            f"[{m['macro_f1_ci_low']:.4f}, {m['macro_f1_ci_high']:.4f}] (95% bootstrap CI)",
+        ]
+        if "baseline_macro_f1" in m:
+            lines.append(
+                f"  TF-IDF + logistic regression baseline: accuracy {m['baseline_accuracy']:.4f}"
+                f"  macro-F1 {m['baseline_macro_f1']:.4f}"
+            )
+        lines += [
+            f"  train {train['train_rows']} rows, {train['epochs_completed']} epochs, "
+            f"{train['train_samples_per_second']:.1f} samples/s on "
+            f"{self.train_info['device']} ({self.train_info['precision']})",
+            f"  MLflow run {self.outputs['mlflow_run_id']} in experiment "
+            f"{arguments['experiment_name']!r} at {arguments['tracking_uri']}",
+            f"  model version {name} v{version} (alias @challenger)",
+            f"  artifacts: {self.run_dir}",
+            f"    model {self.run_dir / 'train' / 'model'}",
+            f"    report {self.run_dir / 'evaluate' / 'report'}",
+            f"  serve it: fineserve serve --model-uri models:/{name}@challenger",
+        ]
+        return "\n".join(lines)
+
+
+def run_local(arguments: dict[str, Any], output_dir: str | Path) -> LocalRun:
+    """Run the DAG with ``arguments`` (already validated); raise if a step fails."""
+    from kfp import local
+
+    output_dir = Path(output_dir).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(output_dir),
+        raise_on_error=True,
+    )
+    before = set(output_dir.glob(f"{PIPELINE_NAME}-*"))
+    started = time.monotonic()
+    task = build_training_pipeline(download_retries=0)(**arguments)
+    seconds = time.monotonic() - started
+    (run_dir,) = set(output_dir.glob(f"{PIPELINE_NAME}-*")) - before
+    results = json.loads((run_dir / "evaluate" / "results").read_text())
+    train_info = json.loads((run_dir / "train" / "model" / MODEL_INFO_FILE).read_text())
+    return LocalRun(
+        run_dir=run_dir,
+        outputs=dict(task.outputs),
+        metrics=summary_metrics(results),
+        train_info=train_info,
+        seconds=seconds,
+    )

@@ -1,0 +1,139 @@
+"""Pipeline parameters from the command line: `-p name=value` and `--params FILE.yaml`.
+
+Names and types come from the compiled pipeline's own interface, so a parameter added to the
+DAG is accepted here with no further change. Unknown names and wrong types are refused before
+anything runs, naming the parameter.
+"""
+
+import difflib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fineserve.defaults import local_tracking_uri, offline_base_model, offline_corpus_path
+
+_TYPES = {"String": str, "Integer": int, "Float": float, "Boolean": bool}
+_TRUE, _FALSE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off"}
+
+#: Defaults of the offline local run: the shipped corpus and checkpoint, sized to finish in
+#: under 10 minutes on 2 CPU cores (see docs/benchmarks.md).
+LOCAL_RUN_DEFAULTS: dict[str, Any] = {
+    "max_train_samples": 6000,
+    "max_eval_samples": 1000,
+    "max_length": 128,
+    "epochs": 1.0,
+    "learning_rate": 1e-4,
+    "gpu_limit": 0,
+}
+#: Parameters describing the shipped corpus; they apply only while `dataset` is not overridden.
+OFFLINE_DATA_DEFAULTS: dict[str, Any] = {
+    "dataset_config": "",
+    "encoding": "latin-1",
+    "text_column": "text",
+    "label_column": "sentiment",
+}
+
+
+class ParameterError(ValueError):
+    """A pipeline parameter that is unknown, malformed or of the wrong type."""
+
+
+def parameter_types(pipeline) -> dict[str, tuple[type, Any]]:
+    """Each pipeline parameter's Python type and default, from the pipeline's interface."""
+    return {
+        name: (_TYPES[spec.type], spec.default)
+        for name, spec in pipeline.component_spec.inputs.items()
+    }
+
+
+def _coerce(name: str, value: Any, kind: type) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+    elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    wanted = {bool: "a boolean (true/false)", int: "an integer", float: "a number"}.get(
+        kind, "a string"
+    )
+    raise ParameterError(f"parameter {name!r} expects {wanted}, got {value!r}")
+
+
+def parse_assignments(pairs: Iterable[str]) -> dict[str, str]:
+    """`name=value` strings into a dict (the value may itself contain `=`)."""
+    result = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise ParameterError(f"expected name=value, got {pair!r}")
+        result[name.strip()] = value
+    return result
+
+
+def load_params_file(path: str | Path) -> dict[str, Any]:
+    """A YAML (or JSON) mapping of parameter names to values."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except OSError as err:
+        raise ParameterError(f"cannot read parameter file {str(path)!r}: {err.strerror}") from err
+    except yaml.YAMLError as err:
+        raise ParameterError(f"parameter file {str(path)!r} is not valid YAML: {err}") from err
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ParameterError(
+            f"parameter file {str(path)!r} must hold a mapping of name: value, "
+            f"not a {type(loaded).__name__}"
+        )
+    return loaded
+
+
+def validate(values: Mapping[str, Any], types: Mapping[str, tuple[type, Any]]) -> dict[str, Any]:
+    """Check every name exists and convert every value to its parameter's type."""
+    checked = {}
+    for name, value in values.items():
+        if name not in types:
+            close = difflib.get_close_matches(name, types, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ParameterError(
+                f"unknown parameter {name!r}{hint} (known: {', '.join(sorted(types))})"
+            )
+        checked[name] = _coerce(name, value, types[name][0])
+    return checked
+
+
+def local_run_arguments(
+    pipeline, user_values: Mapping[str, Any], root: str | Path = "."
+) -> dict[str, Any]:
+    """Arguments for a local run: offline defaults, then the user's values (validated)."""
+    types = parameter_types(pipeline)
+    user = validate(user_values, types)
+    arguments: dict[str, Any] = {
+        "base_model": offline_base_model(),
+        "tracking_uri": local_tracking_uri(root),
+        "artifact_location": str(Path(root).resolve() / "mlartifacts"),
+        **LOCAL_RUN_DEFAULTS,
+    }
+    if "dataset" not in user:
+        arguments.update(dataset=offline_corpus_path(), **OFFLINE_DATA_DEFAULTS)
+    arguments.update(user)
+    return validate(arguments, types)

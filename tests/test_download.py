@@ -1,0 +1,208 @@
+"""The download step: sources, formats, splits, labels, caps and every bad-input message."""
+
+import csv
+import functools
+import http.server
+import json
+import threading
+from pathlib import Path
+
+import datasets
+import pandas as pd
+import pytest
+
+from components.download import download_dataset, read_metadata
+from components.errors import DataError
+
+
+def _load(out: Path) -> datasets.DatasetDict:
+    return datasets.load_from_disk(str(out))
+
+
+def test_single_file_gets_stratified_validation_and_test_splits(small_corpus_csv, tmp_path):
+    meta = download_dataset(str(small_corpus_csv), str(tmp_path / "out"), seed=7)
+    data = _load(tmp_path / "out")
+    assert meta["rows"] == {"train": 240, "validation": 30, "test": 30}
+    assert meta["created_splits"] == ["validation", "test"]
+    assert data["train"].features["label"].names == ["negative", "neutral", "positive"]
+    assert meta["class_counts"]["test"] == {"negative": 10, "neutral": 10, "positive": 10}
+    assert set(data.column_names["train"]) == {"text", "label"}
+    # no row lands in two splits
+    texts = [set(data[s]["text"]) for s in ("train", "validation", "test")]
+    assert not (texts[0] & texts[2]) and not (texts[1] & texts[2])
+    assert read_metadata(str(tmp_path / "out")) == meta
+
+
+def test_fingerprint_follows_content_not_paths(small_corpus_csv, tmp_path):
+    first = download_dataset(str(small_corpus_csv), str(tmp_path / "a"), seed=1)
+    again = download_dataset(str(small_corpus_csv), str(tmp_path / "b"), seed=1)
+    other_split = download_dataset(str(small_corpus_csv), str(tmp_path / "c"), seed=2)
+    assert first["fingerprint"] == again["fingerprint"]
+    assert first["fingerprint"] != other_split["fingerprint"]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "tsv"])
+def test_formats_give_the_same_dataset(small_corpus_csv, tmp_path, fmt):
+    frame = pd.read_csv(small_corpus_csv)
+    path = tmp_path / f"data.{fmt}"
+    if fmt == "jsonl":
+        frame.to_json(path, orient="records", lines=True)
+    elif fmt == "parquet":
+        frame.to_parquet(path)
+    else:
+        frame.to_csv(path, sep="\t", index=False, quoting=csv.QUOTE_ALL)
+    reference = download_dataset(str(small_corpus_csv), str(tmp_path / "csv"))
+    converted = download_dataset(str(path), str(tmp_path / fmt))
+    assert converted["fingerprint"] == reference["fingerprint"]
+
+
+def test_directory_with_split_files_keeps_given_splits(small_corpus_csv, tmp_path):
+    frame = pd.read_csv(small_corpus_csv)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    _write(folder, frame.iloc[:250], "train.csv")
+    _write(folder, frame.iloc[250:], "test.csv")
+    meta = download_dataset(str(folder), str(tmp_path / "out"))
+    assert meta["created_splits"] == ["validation"]
+    assert meta["rows"]["test"] == 50
+    assert meta["rows"]["train"] + meta["rows"]["validation"] == 250
+
+
+def test_custom_column_names_and_integer_labels(tmp_path):
+    frame = pd.DataFrame(
+        {"review": [f"text number {i}" for i in range(60)], "stars": [1, 5] * 30, "x": 0}
+    )
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    download_dataset(
+        str(tmp_path / "d.csv"), str(tmp_path / "out"), text_column="review", label_column="stars"
+    )
+    data = _load(tmp_path / "out")
+    assert data["train"].features["label"].names == ["1", "5"]
+    assert set(data["train"]["label"]) == {0, 1}
+    assert data.column_names["train"] == ["text", "label"]
+
+
+def test_caps_rows_per_split(corpus_frame, tmp_path):
+    corpus_frame.sample(n=3000, random_state=0).to_parquet(tmp_path / "d.parquet")
+    meta = download_dataset(
+        str(tmp_path / "d.parquet"),
+        str(tmp_path / "out"),
+        max_train_samples=200,
+        max_eval_samples=50,
+    )
+    assert meta["rows"] == {"train": 200, "validation": 50, "test": 50}
+
+
+def test_hub_dataset_with_classlabel_names(small_corpus_csv, tmp_path):
+    """The Hub code path (`datasets.load_dataset`) on a dataset repo laid out like the Hub's."""
+    frame = pd.read_csv(small_corpus_csv)
+    names = ["negative", "neutral", "positive"]
+    frame["label"] = frame["label"].map(names.index)
+    repo = tmp_path / "repo"
+    (repo / "sentiment").mkdir(parents=True)
+    frame.iloc[:240].to_parquet(repo / "sentiment" / "train.parquet")
+    frame.iloc[240:].to_parquet(repo / "sentiment" / "test.parquet")
+    (repo / "README.md").write_text(
+        "---\nconfigs:\n- config_name: sentiment\n  data_files:\n"
+        "  - split: train\n    path: sentiment/train.parquet\n"
+        "  - split: test\n    path: sentiment/test.parquet\n"
+        "dataset_info:\n- config_name: sentiment\n  features:\n"
+        "  - name: text\n    dtype: string\n  - name: label\n    dtype:\n      class_label:\n"
+        "        names:\n          '0': negative\n          '1': neutral\n          '2': positive\n"
+        "---\n"
+    )
+    meta = download_dataset(str(repo), str(tmp_path / "out"), source_type="hub", config="sentiment")
+    assert meta["label_names"] == names
+    assert meta["rows"]["test"] == 60
+    assert meta["created_splits"] == ["validation"]
+
+
+def test_reads_a_url(small_corpus_csv, tmp_path):
+    handler = functools.partial(
+        http.server.SimpleHTTPRequestHandler, directory=str(small_corpus_csv.parent)
+    )
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/{small_corpus_csv.name}"
+        meta = download_dataset(url, str(tmp_path / "out"))
+    finally:
+        server.shutdown()
+    local = download_dataset(str(small_corpus_csv), str(tmp_path / "local"))
+    assert meta["fingerprint"] == local["fingerprint"]
+
+
+def test_invalid_rows_fail_by_default_and_are_counted_when_dropped(small_corpus_csv, tmp_path):
+    frame = pd.read_csv(small_corpus_csv)
+    frame.loc[3, "text"] = "   "
+    frame.loc[5, "text"] = None
+    frame.loc[7, "label"] = None
+    _write(tmp_path, frame)
+    with pytest.raises(DataError, match=r"3 invalid rows .*2 with null or empty text, 1 with null"):
+        download_dataset(str(tmp_path / "d.csv"), str(tmp_path / "out"))
+    meta = download_dataset(str(tmp_path / "d.csv"), str(tmp_path / "out"), drop_invalid_rows=True)
+    assert meta["dropped_rows"] == {"train": {"null or empty text": 2, "null label": 1}}
+    assert sum(meta["rows"].values()) == 297
+
+
+def _write(tmp_path: Path, frame: pd.DataFrame, name: str = "d.csv") -> str:
+    """CSV with every field quoted: some tweets hold a bare carriage return."""
+    path = tmp_path / name
+    frame.to_csv(path, index=False, quoting=csv.QUOTE_ALL)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        (
+            "missing_text",
+            r"text column 'text' is missing from split 'train'; columns present: "
+            r"\['body', 'label'\]",
+        ),
+        ("missing_label", r"label column 'label' is missing .*\['text', 'sentiment'\]"),
+        (
+            "one_class",
+            r"train split has 1 class\(es\) \(\['pos'\]\); a classifier needs at least 2",
+        ),
+        ("unseen_label", r"split 'test' has labels never seen in train: \['maybe'\]"),
+        ("empty_split", r"split 'test' is empty"),
+        ("unknown_format", r"unknown file format \.xlsx .*supported: \.csv"),
+        ("missing_path", r"cannot read '.*nope\.csv'"),
+        ("bad_encoding", r"is not valid utf-8 \(byte 0xe9 at offset \d+\); set encoding"),
+        ("tiny_class", r"cannot make a stratified validation/test \(class counts"),
+    ],
+)
+def test_bad_input_fails_with_a_message_naming_the_problem(tmp_path, case, message):
+    texts = [f"sample text {i}" for i in range(40)]
+    two_class = pd.DataFrame({"text": texts, "label": ["pos", "neg"] * 20})
+    source = str(tmp_path / "d.csv")
+    if case == "missing_text":
+        source = _write(tmp_path, two_class.rename(columns={"text": "body"}))
+    elif case == "missing_label":
+        source = _write(tmp_path, two_class.rename(columns={"label": "sentiment"}))
+    elif case == "one_class":
+        source = _write(tmp_path, two_class.assign(label="pos"))
+    elif case in ("unseen_label", "empty_split"):
+        folder = tmp_path / "data"
+        folder.mkdir()
+        _write(folder, two_class, "train.csv")
+        test = two_class.iloc[:4].assign(label="maybe") if case == "unseen_label" else two_class[:0]
+        _write(folder, test, "test.csv")
+        source = str(folder)
+    elif case == "unknown_format":
+        source = str(tmp_path / "d.xlsx")
+        Path(source).write_bytes(b"PK")
+    elif case == "missing_path":
+        source = str(tmp_path / "nope.csv")
+    elif case == "bad_encoding":
+        Path(source).write_bytes("text,label\ncaf\u00e9,pos\nbar,neg\n".encode("latin-1"))
+    elif case == "tiny_class":
+        source = _write(tmp_path, pd.DataFrame({"text": texts[:21], "label": ["a"] * 20 + ["b"]}))
+    with pytest.raises(DataError, match=message):
+        download_dataset(source, str(tmp_path / "out"))
+
+
+def test_metadata_is_json_serialisable_for_kfp(small_corpus_csv, tmp_path):
+    meta = download_dataset(str(small_corpus_csv), str(tmp_path / "out"))
+    assert json.loads(json.dumps(meta)) == meta

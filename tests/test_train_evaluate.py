@@ -1,0 +1,231 @@
+"""tokenize → train → evaluate on real text with a tiny random BERT; metrics against sklearn."""
+
+import json
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    TrainerCallback,
+)
+
+from components.download import download_dataset
+from components.errors import DataError
+from components.evaluation import evaluate_model, summary_metrics
+from components.metrics import ClassificationReport, bootstrap_ci
+from components.tokenization import tokenize_dataset
+from components.training import MODEL_INFO_FILE, train_model
+
+FAST = {"epochs": 2.0, "learning_rate": 1e-3, "batch_size": 16}
+
+
+@pytest.fixture(scope="module")
+def raw_dir(small_corpus_csv, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("raw") / "data"
+    download_dataset(str(small_corpus_csv), str(out), seed=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenized_dir(raw_dir, tiny_base_model, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tok") / "data"
+    tokenize_dataset(str(raw_dir), str(out), base_model=str(tiny_base_model), max_length=32)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained_dir(tokenized_dir, tiny_base_model, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("model") / "model"
+    train_model(str(tokenized_dir), str(out), base_model=str(tiny_base_model), **FAST)
+    return out
+
+
+def test_tokenize_truncates_without_padding_and_reports_lengths(tokenized_dir, raw_dir):
+    data = datasets.load_from_disk(str(tokenized_dir))
+    lengths = [len(ids) for ids in data["train"]["input_ids"]]
+    assert max(lengths) == 32 and min(lengths) < 32  # truncated, and not padded
+    assert list(data["train"]["length"]) == lengths
+    stats = json.loads((tokenized_dir / "token_stats.json").read_text())
+    assert stats["token_lengths"]["train"]["max"] == 32
+    assert 0 < stats["token_lengths"]["train"]["truncated_fraction"] < 1
+    assert (
+        stats["dataset"]["fingerprint"]
+        == json.loads((raw_dir / "metadata.json").read_text())["fingerprint"]
+    )
+    tokenizer = AutoTokenizer.from_pretrained(tokenized_dir / "tokenizer")
+    assert tokenizer.is_fast and tokenizer.model_max_length == 32
+
+
+def test_tokenize_refuses_a_length_over_the_model_limit(raw_dir, tiny_base_model, tmp_path):
+    with pytest.raises(DataError, match="max_length 100 exceeds .* limit of 64"):
+        tokenize_dataset(
+            str(raw_dir), str(tmp_path), base_model=str(tiny_base_model), max_length=100
+        )
+
+
+def test_train_writes_a_servable_directory(trained_dir):
+    config = AutoConfig.from_pretrained(trained_dir)
+    assert config.id2label == {0: "negative", 1: "neutral", 2: "positive"}
+    assert config.label2id == {"negative": 0, "neutral": 1, "positive": 2}
+    assert (trained_dir / "model.safetensors").exists()
+    assert not list(trained_dir.glob("*.bin"))
+    assert AutoTokenizer.from_pretrained(trained_dir).model_max_length == 32
+    info = json.loads((trained_dir / MODEL_INFO_FILE).read_text())
+    assert info["max_length"] == 32 and info["precision"] == "fp32"
+    assert info["train_metrics"]["train_samples_per_second"] > 0
+    assert info["train_metrics"]["epochs_completed"] == 2.0
+    assert not Path(f"{trained_dir}.checkpoints").exists()  # removed once training succeeded
+
+
+def test_training_is_reproducible_with_a_seed(
+    tokenized_dir, tiny_base_model, trained_dir, tmp_path
+):
+    train_model(str(tokenized_dir), str(tmp_path / "m"), base_model=str(tiny_base_model), **FAST)
+    first = AutoModelForSequenceClassification.from_pretrained(trained_dir)
+    second = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m")
+    for (name, a), (_, b) in zip(
+        first.state_dict().items(), second.state_dict().items(), strict=True
+    ):
+        assert np.allclose(a.numpy(), b.numpy(), atol=1e-6), name
+
+
+def test_train_learns_a_learnable_task(tiny_base_model, tmp_path):
+    """Labels given by one word among random ones: a working training loop must find it."""
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    vocab = "the a car phone game day film song team city road".split()
+    rows = []
+    for i in range(400):
+        label = ["negative", "positive"][i % 2]
+        cue = {"negative": "awful", "positive": "wonderful"}[label]
+        words = list(rng.choice(vocab, 6)) + [cue]
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": label})
+    pd.DataFrame(rows).to_csv(tmp_path / "d.csv", index=False)
+    download_dataset(str(tmp_path / "d.csv"), str(tmp_path / "raw"))
+    tokenize_dataset(
+        str(tmp_path / "raw"), str(tmp_path / "tok"), base_model=str(tiny_base_model), max_length=16
+    )
+    train_model(
+        str(tmp_path / "tok"),
+        str(tmp_path / "m"),
+        base_model=str(tiny_base_model),
+        epochs=4.0,
+        learning_rate=3e-3,
+        batch_size=16,
+    )
+    result = evaluate_model(
+        str(tmp_path / "raw"),
+        str(tmp_path / "m"),
+        results_path=str(tmp_path / "r.json"),
+        report_path=str(tmp_path / "r.md"),
+        n_bootstrap=100,
+    )
+    assert result["model"]["accuracy"] > 0.9
+
+
+class _KilledAfterFirstCheckpoint(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        raise KeyboardInterrupt("killed after the first checkpoint")
+
+
+def test_resumes_from_the_checkpoint_of_an_interrupted_run(
+    tokenized_dir, tiny_base_model, trained_dir, tmp_path
+):
+    args = {"base_model": str(tiny_base_model), "checkpoint_dir": str(tmp_path / "ckpt"), **FAST}
+    with pytest.raises(KeyboardInterrupt):
+        train_model(
+            str(tokenized_dir),
+            str(tmp_path / "m"),
+            callbacks=[_KilledAfterFirstCheckpoint()],
+            **args,
+        )
+    assert (tmp_path / "ckpt" / "checkpoint-15").exists()
+    resumed = train_model(str(tokenized_dir), str(tmp_path / "m"), **args)
+    info = json.loads((tmp_path / "m" / MODEL_INFO_FILE).read_text())
+    assert info["resumed_from"] == "checkpoint-15"
+    assert resumed["epochs_completed"] == 2.0
+    # resuming continues the same run: the result equals the uninterrupted one
+    first = AutoModelForSequenceClassification.from_pretrained(trained_dir).state_dict()
+    again = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m").state_dict()
+    assert all(np.allclose(first[k].numpy(), again[k].numpy(), atol=1e-5) for k in first)
+
+
+def test_checkpoints_of_another_run_are_not_resumed(tokenized_dir, tiny_base_model, tmp_path):
+    ckpt = tmp_path / "ckpt" / "checkpoint-15"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text("{}")
+    train_model(
+        str(tokenized_dir),
+        str(tmp_path / "m"),
+        base_model=str(tiny_base_model),
+        checkpoint_dir=str(tmp_path / "ckpt"),
+        **FAST,
+    )
+    info = json.loads((tmp_path / "m" / MODEL_INFO_FILE).read_text())
+    assert info["resumed_from"] is None
+
+
+def test_classification_report_matches_sklearn():
+    rng = np.random.default_rng(0)
+    y_true, y_pred = rng.integers(0, 4, 500), rng.integers(0, 4, 500)
+    y_pred[:200] = y_true[:200]
+    result = ClassificationReport().compute(predictions=y_pred, references=y_true, num_labels=4)
+    assert result["accuracy"] == pytest.approx(skm.accuracy_score(y_true, y_pred))
+    assert result["macro_f1"] == pytest.approx(skm.f1_score(y_true, y_pred, average="macro"))
+    assert result["precision"] == pytest.approx(skm.precision_score(y_true, y_pred, average=None))
+    assert result["recall"] == pytest.approx(skm.recall_score(y_true, y_pred, average=None))
+    assert result["confusion_matrix"] == skm.confusion_matrix(y_true, y_pred).tolist()
+
+
+def test_bootstrap_interval_covers_the_point_estimate_and_narrows_with_data():
+    rng = np.random.default_rng(1)
+
+    def interval(n: int) -> tuple[float, float]:
+        y_true = rng.integers(0, 3, n)
+        y_pred = np.where(rng.random(n) < 0.7, y_true, rng.integers(0, 3, n))
+        ci = bootstrap_ci(y_true, y_pred, 3, n_resamples=500)
+        acc = float((y_true == y_pred).mean())
+        assert ci["accuracy"][0] <= acc <= ci["accuracy"][1]
+        return ci["macro_f1"]
+
+    small, large = interval(200), interval(5000)
+    assert (large[1] - large[0]) < (small[1] - small[0]) / 3
+
+
+def test_evaluate_reports_model_and_baseline(trained_dir, raw_dir, tmp_path):
+    result = evaluate_model(
+        str(raw_dir),
+        str(trained_dir),
+        results_path=str(tmp_path / "r.json"),
+        report_path=str(tmp_path / "r.md"),
+        n_bootstrap=200,
+    )
+    report = (tmp_path / "r.md").read_text()
+    assert "TF-IDF + logistic regression" in report and "| **neutral** |" in report
+    assert sum(map(sum, result["model"]["confusion_matrix"])) == result["test_rows"] == 30
+    scalars = summary_metrics(result)
+    assert scalars["macro_f1_ci_low"] <= scalars["macro_f1"] <= scalars["macro_f1_ci_high"]
+    assert {"baseline_accuracy", "baseline_macro_f1", "f1_neutral"} <= scalars.keys()
+    assert json.loads((tmp_path / "r.json").read_text()) == json.loads(json.dumps(result))
+
+
+def test_evaluate_refuses_a_model_with_other_labels(trained_dir, tmp_path):
+    import pandas as pd
+
+    frame = pd.DataFrame({"text": [f"t {i}" for i in range(40)], "label": ["a", "b"] * 20})
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    download_dataset(str(tmp_path / "d.csv"), str(tmp_path / "data"))
+    with pytest.raises(DataError, match=r"model's labels .* differ from the data's \['a', 'b'\]"):
+        evaluate_model(
+            str(tmp_path / "data"),
+            str(trained_dir),
+            results_path=str(tmp_path / "r.json"),
+            report_path=str(tmp_path / "r.md"),
+        )
