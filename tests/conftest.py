@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random BERT checkpoints built from the shipped vocab, small real corpora."""
+"""Shared fixtures: tiny random BERTs built from the shipped vocab, small real corpora."""
 
 from __future__ import annotations
 

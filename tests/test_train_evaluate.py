@@ -99,7 +99,7 @@ def test_train_learns_a_learnable_task(tiny_base_model, tmp_path):
     import pandas as pd
 
     rng = np.random.default_rng(0)
-    vocab = "the a car phone game day film song team city road".split()
+    vocab = ["the", "a", "car", "phone", "game", "day", "film", "song", "team", "city", "road"]
     rows = []
     for i in range(400):
         label = ["negative", "positive"][i % 2]
