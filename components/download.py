@@ -344,7 +344,6 @@ def download(
     """Download a labelled text dataset and split it into train/validation/test.
 
     Args:
-        dataset: Output DatasetDict (`save_to_disk`) with `text` and `label` (ClassLabel) columns.
         source: Hugging Face Hub dataset id, or a local file, directory or URL of
             CSV/TSV/JSONL/Parquet data.
         source_type: `auto` (files when the source is a path or URL, else Hub), `hub` or `files`.
@@ -364,6 +363,9 @@ def download(
         drop_invalid_rows: Drop rows with null/empty text or null label (counted in the
             metadata) instead of failing.
         seed: Seed for splitting and sampling.
+
+    Returns:
+        dataset: Output DatasetDict (`save_to_disk`) with `text` and `label` (ClassLabel) columns.
     """
     from components.download import download_dataset
 

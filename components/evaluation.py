@@ -199,15 +199,19 @@ def evaluate(
         dataset: Input DatasetDict from the download step (raw text: the model's own tokenizer
             is applied, as in serving).
         model: Input HF directory from the train step.
+        n_bootstrap: Bootstrap resamples for the confidence intervals.
+        baseline: Also fit and score TF-IDF + logistic regression on the same splits.
+        batch_size: Inference batch size.
+        seed: Seed for the bootstrap and the baseline.
+
+    Returns:
         metrics: Output scalar metrics (accuracy, macro-F1, their 95% CIs, per-class F1,
             baseline scores).
         confusion_matrix: Output confusion matrix drawn by the Kubeflow UI.
         report: Output Markdown report (rendered in the Kubeflow UI, logged to MLflow).
         results: Output JSON with every number, for the register step.
-        n_bootstrap: Bootstrap resamples for the confidence intervals.
-        baseline: Also fit and score TF-IDF + logistic regression on the same splits.
-        batch_size: Inference batch size.
-        seed: Seed for the bootstrap and the baseline.
+        accuracy: Test accuracy of the model (for quality gates).
+        macro_f1: Test macro-F1 of the model (for quality gates).
     """
     from collections import namedtuple
 

@@ -193,12 +193,18 @@ def register(
         results: Input evaluation results (JSON) from the evaluate step.
         report: Input Markdown report from the evaluate step.
         model_name: Registered model name in the MLflow Model Registry.
-        tracking_uri: MLflow tracking URI; empty for MLFLOW_TRACKING_URI, else a local SQLite store.
+        tracking_uri: MLflow tracking URI; empty for MLFLOW_TRACKING_URI, else a local SQLite
+            store.
         experiment_name: MLflow experiment the run is logged in (created when missing).
         artifact_location: Artifact root for a newly created experiment; empty for the server's.
         alias: Alias set on the new version (the deploy step serves `challenger`).
         image: The image the pipeline's steps run in, tagged on the version.
         pipeline_run_id: KFP run id (filled in by KFP), tagged on the run and the version.
+
+    Returns:
+        run_id: The MLflow run id.
+        model_version: The registered model version.
+        storage_uri: Where the version's HF directory is stored (a KServe `storageUri`).
     """
     from collections import namedtuple
 

@@ -106,11 +106,13 @@ def tokenize(
 
     Args:
         dataset: Input DatasetDict from the download step (`text`, `label`).
-        tokenized: Output DatasetDict (`input_ids`, `attention_mask`, `label`, `length`) and the
-            tokenizer in its `tokenizer/` folder; token-length stats in its metadata.
         base_model: Hub id or local directory of the base checkpoint.
         max_length: Truncation length in tokens.
         base_model_revision: Hub revision of the base checkpoint; empty for the default branch.
+
+    Returns:
+        tokenized: Output DatasetDict (`input_ids`, `attention_mask`, `label`, `length`) and the
+            tokenizer in its `tokenizer/` folder; token-length stats in its metadata.
     """
     from components.tokenization import tokenize_dataset
 

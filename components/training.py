@@ -243,8 +243,6 @@ def train(
 
     Args:
         tokenized: Input DatasetDict and tokenizer from the tokenize step.
-        model: Output HF directory (safetensors, config with id2label, tokenizer, fineserve.json).
-        metrics: Output training metrics, including train samples/s.
         base_model: Hub id or local directory of the base checkpoint.
         base_model_revision: Hub revision of the base checkpoint; empty for the default branch.
         epochs: Maximum number of epochs (early stopping may end sooner).
@@ -258,6 +256,10 @@ def train(
         seed: Seed for initialisation, shuffling and dropout.
         checkpoint_dir: Where epoch checkpoints go (mount a volume here so a retried or
             restarted step resumes); empty for a folder next to the model output.
+
+    Returns:
+        model: Output HF directory (safetensors, config with id2label, tokenizer, fineserve.json).
+        metrics: Output training metrics, including train samples/s.
     """
     from components.training import train_model
 

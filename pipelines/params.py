@@ -124,10 +124,11 @@ def validate(values: Mapping[str, Any], types: Mapping[str, tuple[type, Any]]) -
 def local_run_arguments(
     pipeline, user_values: Mapping[str, Any], root: str | Path = "."
 ) -> dict[str, Any]:
-    """Arguments for a local run: offline defaults, then the user's values (validated)."""
+    """Every argument of a local run: pipeline defaults, offline defaults, the user's values."""
     types = parameter_types(pipeline)
     user = validate(user_values, types)
     arguments: dict[str, Any] = {
+        **{name: default for name, (_, default) in types.items()},
         "base_model": offline_base_model(),
         "tracking_uri": local_tracking_uri(root),
         "artifact_location": str(Path(root).resolve() / "mlartifacts"),

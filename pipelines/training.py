@@ -117,6 +117,13 @@ def _training_dag(download_retries: int):
             experiment_name: MLflow experiment name.
             artifact_location: Artifact root for a newly created MLflow experiment.
             seed: Seed for splitting, sampling, training and the bootstrap.
+
+        Returns:
+            accuracy: Test accuracy of the fine-tuned model.
+            macro_f1: Test macro-F1 of the fine-tuned model.
+            model_version: The MLflow model version registered (alias `challenger`).
+            storage_uri: Where that version's HF directory is stored (a KServe `storageUri`).
+            mlflow_run_id: The MLflow run holding parameters, metrics and the report.
         """
         data = download(
             source=dataset,

@@ -1,0 +1,5 @@
+"""`python -m fineserve` is the `fineserve` command."""
+
+from fineserve.cli import main
+
+main()

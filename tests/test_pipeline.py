@@ -1,0 +1,157 @@
+"""The compiled DAG and the command-line parameters."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from components import download, evaluation, registration, tokenization, training
+from pipelines.params import (
+    ParameterError,
+    load_params_file,
+    local_run_arguments,
+    parse_assignments,
+    validate,
+)
+from pipelines.training import training_pipeline
+
+TASKS = {"download", "tokenize", "train", "evaluate", "register"}
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("ir") / "training.yaml"
+    result = subprocess.run(
+        [sys.executable, "-m", "fineserve", "compile", "-o", str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "upload it in the Kubeflow UI" in result.stdout
+    return yaml.safe_load(out.read_text())
+
+
+def test_dag_has_five_tasks_in_order(compiled):
+    tasks = compiled["root"]["dag"]["tasks"]
+    assert set(tasks) == TASKS
+    deps = {name: set(task.get("dependentTasks", [])) for name, task in tasks.items()}
+    assert deps == {
+        "download": set(),
+        "tokenize": {"download"},
+        "train": {"tokenize"},
+        "evaluate": {"download", "train"},
+        "register": {"evaluate", "train"},
+    }
+    assert all(task["cachingOptions"].get("enableCache") for task in tasks.values())
+
+
+def test_train_requests_a_configurable_gpu_and_download_retries(compiled):
+    executors = compiled["deploymentSpec"]["executors"]
+    resources = executors["exec-train"]["container"]["resources"]
+    assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    assert "gpu_limit" in resources["accelerator"]["resourceCount"]
+    assert compiled["root"]["inputDefinitions"]["parameters"]["gpu_limit"]["defaultValue"] == 1
+    retry = compiled["root"]["dag"]["tasks"]["download"]["retryPolicy"]
+    assert retry["maxRetryCount"] == 3
+    for name in TASKS:
+        assert "accelerator" not in executors[f"exec-{name}"]["container"].get("resources", {}) or (
+            name == "train"
+        )
+
+
+def test_steps_run_the_project_image_without_installing_kfp(compiled):
+    for executor in compiled["deploymentSpec"]["executors"].values():
+        container = executor["container"]
+        assert container["image"] == "ghcr.io/fineserve/fineserve:0.1.0"
+        assert "pip install" not in " ".join(container["command"])
+
+
+def test_cluster_defaults(compiled):
+    params = compiled["root"]["inputDefinitions"]["parameters"]
+    assert params["base_model"]["defaultValue"] == "distilbert-base-uncased"
+    assert params["dataset"]["defaultValue"] == "cardiffnlp/tweet_eval"
+    assert params["dataset_config"]["defaultValue"] == "sentiment"
+
+
+@pytest.mark.parametrize(
+    "component",
+    [
+        download.download,
+        tokenization.tokenize,
+        training.train,
+        evaluation.evaluate,
+        registration.register,
+    ],
+)
+def test_every_component_argument_is_documented(component):
+    spec = component.component_spec
+    documented = {**spec.inputs, **(spec.outputs or {})}
+    missing = [name for name, io in documented.items() if not io.description and name != "Output"]
+    assert not missing, f"{spec.name}: undocumented arguments {missing}"
+
+
+def test_every_pipeline_parameter_is_documented(compiled):
+    params = compiled["root"]["inputDefinitions"]["parameters"]
+    assert [name for name, p in params.items() if not p.get("description")] == []
+
+
+def test_parameters_are_typed_from_the_pipeline():
+    values = validate(
+        {"epochs": "2", "learning_rate": "3e-5", "drop_invalid_rows": "yes", "dataset": "x.csv"},
+        {n: (t, d) for n, (t, d) in _types().items()},
+    )
+    assert values == {
+        "epochs": 2.0,
+        "learning_rate": 3e-5,
+        "drop_invalid_rows": True,
+        "dataset": "x.csv",
+    }
+
+
+def _types():
+    from pipelines.params import parameter_types
+
+    return parameter_types(training_pipeline)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"epoch": "2"}, r"unknown parameter 'epoch'; did you mean 'epochs'\?"),
+        ({"max_length": "long"}, r"parameter 'max_length' expects an integer, got 'long'"),
+        ({"epochs": "two"}, r"parameter 'epochs' expects a number, got 'two'"),
+        ({"drop_invalid_rows": "maybe"}, r"'drop_invalid_rows' expects a boolean"),
+        ({"max_length": 1.5}, r"'max_length' expects an integer, got 1.5"),
+        ({"model_name": ["a"]}, r"'model_name' expects a string"),
+    ],
+)
+def test_bad_parameters_are_refused_by_name(values, message):
+    with pytest.raises(ParameterError, match=message):
+        validate(values, _types())
+
+
+def test_assignments_and_params_file(tmp_path):
+    assert parse_assignments(["a=1", "b=x=y"]) == {"a": "1", "b": "x=y"}
+    with pytest.raises(ParameterError, match="expected name=value, got 'epochs'"):
+        parse_assignments(["epochs"])
+    (tmp_path / "p.yaml").write_text("epochs: 2\nmodel_name: demo\n")
+    assert load_params_file(tmp_path / "p.yaml") == {"epochs": 2, "model_name": "demo"}
+    (tmp_path / "list.yaml").write_text("- epochs\n")
+    with pytest.raises(ParameterError, match="must hold a mapping"):
+        load_params_file(tmp_path / "list.yaml")
+    with pytest.raises(ParameterError, match="cannot read parameter file"):
+        load_params_file(tmp_path / "missing.yaml")
+
+
+def test_local_defaults_are_offline_and_yield_to_user_data(tmp_path):
+    from fineserve.defaults import offline_base_model, offline_corpus_path
+
+    default = local_run_arguments(training_pipeline, {}, root=tmp_path)
+    assert default["dataset"] == offline_corpus_path()
+    assert default["base_model"] == offline_base_model()
+    assert default["label_column"] == "sentiment" and default["encoding"] == "latin-1"
+    assert default["tracking_uri"] == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert default["gpu_limit"] == 0
+    own = local_run_arguments(training_pipeline, {"dataset": "mine.csv"}, root=tmp_path)
+    assert own["label_column"] == "label" and own["encoding"] == "utf-8"

@@ -1,0 +1,124 @@
+"""The register step against a real MLflow store (SQLite + local artifacts)."""
+
+import json
+import shutil
+
+import mlflow
+import pytest
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from components.errors import DataError
+from components.registration import register_model
+from components.training import MODEL_INFO_FILE
+
+RESULTS = {
+    "label_names": ["negative", "neutral", "positive"],
+    "test_rows": 30,
+    "n_bootstrap": 100,
+    "model": {
+        "accuracy": 0.6,
+        "macro_f1": 0.55,
+        "precision": [0.5, 0.6, 0.7],
+        "recall": [0.6, 0.5, 0.7],
+        "f1": [0.55, 0.54, 0.7],
+        "support": [10, 10, 10],
+        "confusion_matrix": [[6, 3, 1], [3, 5, 2], [1, 2, 7]],
+    },
+    "confidence_intervals": {"accuracy": [0.43, 0.77], "macro_f1": [0.38, 0.72]},
+    "baseline": None,
+}
+
+
+@pytest.fixture
+def model_dir(tiny_classifier, tmp_path):
+    target = tmp_path / "model"
+    shutil.copytree(tiny_classifier, target)
+    info = {
+        "base_model": "tiny-bert",
+        "base_model_revision": "",
+        "max_length": 64,
+        "labels": RESULTS["label_names"],
+        "device": "cpu",
+        "precision": "fp32",
+        "dataset": {"source": "corpus.csv", "fingerprint": "f" * 64, "rows": {"train": 240}},
+        "hyperparameters": {"epochs": 1.0, "learning_rate": 1e-3, "seed": 42},
+        "train_metrics": {"train_samples_per_second": 321.5, "train_loss": 1.01},
+    }
+    (target / MODEL_INFO_FILE).write_text(json.dumps(info))
+    return target
+
+
+@pytest.fixture
+def evaluation(tmp_path):
+    (tmp_path / "results.json").write_text(json.dumps(RESULTS))
+    (tmp_path / "report.md").write_text("# fineserve evaluation\n")
+    return str(tmp_path / "results.json"), str(tmp_path / "report.md")
+
+
+def _register(model_dir, evaluation, tmp_path, run_id="run-1"):
+    return register_model(
+        str(model_dir),
+        *evaluation,
+        model_name="sentiment",
+        pipeline_run_id=run_id,
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+        artifact_location=str(tmp_path / "artifacts"),
+        image="example.org/fineserve:1",
+    )
+
+
+def test_registers_a_version_with_alias_tags_metrics_and_report(model_dir, evaluation, tmp_path):
+    out = _register(model_dir, evaluation, tmp_path)
+    client = mlflow.MlflowClient(out["tracking_uri"])
+    version = client.get_model_version_by_alias("sentiment", "challenger")
+    assert str(version.version) == out["model_version"] == "1"
+    assert version.tags["fineserve.pipeline_run_id"] == "run-1"
+    assert version.tags["fineserve.dataset_fingerprint"] == "f" * 64
+    assert version.tags["fineserve.base_model"] == "tiny-bert"
+    assert version.tags["fineserve.image"] == "example.org/fineserve:1"
+    run = client.get_run(out["run_id"])
+    assert run.data.metrics["macro_f1"] == 0.55
+    assert run.data.metrics["macro_f1_ci_low"] == 0.38
+    assert run.data.metrics["train_samples_per_second"] == 321.5
+    assert run.data.params["learning_rate"] == "0.001"
+    assert run.data.params["dataset_fingerprint"] == "f" * 64
+    logged = {f.path for f in client.list_artifacts(out["run_id"], "evaluation")}
+    assert logged == {
+        "evaluation/report.md",
+        "evaluation/results.json",
+        "evaluation/confusion_matrix.png",
+    }
+
+
+def test_storage_uri_is_a_directly_loadable_hf_directory(model_dir, evaluation, tmp_path):
+    out = _register(model_dir, evaluation, tmp_path)
+    assert out["storage_uri"].endswith("/artifacts/hf_model")
+    model = AutoModelForSequenceClassification.from_pretrained(
+        out["storage_uri"], use_safetensors=True
+    )
+    assert model.config.id2label[2] == "positive"
+    assert AutoTokenizer.from_pretrained(out["storage_uri"]).is_fast
+
+
+def test_the_version_loads_as_an_mlflow_pyfunc(model_dir, evaluation, tmp_path):
+    out = _register(model_dir, evaluation, tmp_path)
+    mlflow.set_tracking_uri(out["tracking_uri"])
+    model = mlflow.pyfunc.load_model("models:/sentiment@challenger")
+    predictions = model.predict(["what a great day", "this is awful"])
+    assert list(predictions.columns) == ["label", "score"]
+    assert set(predictions["label"]) <= {"negative", "neutral", "positive"}
+
+
+def test_a_retried_step_reuses_its_run_and_version(model_dir, evaluation, tmp_path):
+    first = _register(model_dir, evaluation, tmp_path)
+    again = _register(model_dir, evaluation, tmp_path)
+    assert again == first
+    other = _register(model_dir, evaluation, tmp_path, run_id="run-2")
+    assert other["model_version"] == "2" and other["run_id"] != first["run_id"]
+    client = mlflow.MlflowClient(first["tracking_uri"])
+    assert str(client.get_model_version_by_alias("sentiment", "challenger").version) == "2"
+
+
+def test_refuses_a_model_name_that_is_a_uri(model_dir, evaluation, tmp_path):
+    with pytest.raises(DataError, match="model_name must be a plain registry name"):
+        register_model(str(model_dir), *evaluation, model_name="models:/x", pipeline_run_id="r")
