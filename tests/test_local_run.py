@@ -1,0 +1,72 @@
+"""`fineserve run --local` end to end: the real DAG, a tiny BERT, a real MLflow store."""
+
+import subprocess
+import sys
+
+import mlflow
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _fineserve(*args: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fineserve", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_local_run_registers_a_version_with_alias_and_metrics(
+    small_corpus_csv, tiny_base_model, tmp_path
+):
+    (tmp_path / "params.yaml").write_text(
+        f"dataset: {small_corpus_csv}\nbase_model: {tiny_base_model}\nmax_length: 32\n"
+    )
+    run = _fineserve(
+        "run", "--local", "--params", "params.yaml",
+        "-p", "epochs=1", "-p", "learning_rate=0.001", "-p", "n_bootstrap=100",
+        "-p", "model_name=e2e",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    out = run.stdout
+    for task in ("download", "tokenize", "train", "evaluate", "register"):
+        assert (
+            f"Task \x1b[96m'{task}'\x1b[0m finished with status \x1b[92mSUCCESS" in out + run.stderr
+        )
+    assert "macro-F1" in out and "TF-IDF + logistic regression baseline" in out
+    assert "model version e2e v1 (alias @challenger)" in out
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    version = client.get_model_version_by_alias("e2e", "challenger")
+    run_data = client.get_run(version.run_id).data
+    assert {"accuracy", "macro_f1", "baseline_macro_f1", "train_samples_per_second"} <= set(
+        run_data.metrics
+    )
+    assert run_data.params["rows_train"] == "240"
+    assert version.tags["fineserve.dataset_fingerprint"] == run_data.params["dataset_fingerprint"]
+    assert (tmp_path / "local_outputs").is_dir() and (tmp_path / "mlartifacts").is_dir()
+
+
+def test_bad_parameters_are_refused_before_anything_runs(tmp_path):
+    run = _fineserve("run", "--local", "-p", "epochs=many", cwd=tmp_path)
+    assert run.returncode == 2
+    assert "parameter 'epochs' expects a number, got 'many'" in run.stderr
+    assert not (tmp_path / "local_outputs").exists()
+
+
+def test_a_failing_step_fails_the_run_with_its_message(small_corpus_csv, tmp_path):
+    run = _fineserve(
+        "run", "--local", "-p", f"dataset={small_corpus_csv}", "-p", "text_column=body",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 1
+    output = run.stdout + run.stderr
+    assert (
+        "text column 'body' is missing from split 'train'; columns present: ['text', 'label']"
+        in (output)
+    )
+    assert "Inner task failed" in output and "download" in output
