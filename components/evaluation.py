@@ -1,9 +1,10 @@
 """evaluate: score the trained model on the test split, against a TF-IDF baseline.
 
-Computes accuracy, macro-F1, per-class precision/recall/F1, the confusion matrix and bootstrap
-95% intervals with `components.metrics.ClassificationReport` (an offline `evaluate.Metric`),
-and writes a Markdown report. The same metrics for TF-IDF + logistic regression trained on the
-same train split tell whether the transformer earns its cost.
+Predictions come from the serving engine (`serving.engine.TextClassifier`), so the scores are
+those of the deployed predictor. Accuracy, macro-F1, per-class precision/recall/F1, the
+confusion matrix and bootstrap 95% intervals come from `components.metrics` (an offline
+`evaluate.Metric`); a Markdown report sums them up. The same metrics for TF-IDF + logistic
+regression trained on the same train split tell whether the transformer earns its cost.
 """
 
 import json
@@ -26,28 +27,6 @@ from components.errors import DataError
 from components.kfp_wrapper import component
 
 log = logging.getLogger(__name__)
-
-
-def predict_labels(model_dir: str, texts: list[str], batch_size: int = 64) -> "np.ndarray":  # noqa: F821
-    """Class ids for ``texts`` from the HF directory, batched by similar length, in input order."""
-    import numpy as np
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device).eval()
-    encoded = tokenizer(texts, truncation=True)["input_ids"]
-    order = np.argsort([len(ids) for ids in encoded], kind="stable")
-    predictions = np.empty(len(texts), dtype=np.int64)
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            batch = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt")
-            logits = model(**batch.to(device)).logits
-            predictions[rows] = logits.argmax(-1).cpu().numpy()
-    return predictions
 
 
 def tfidf_baseline(train_texts: list[str], train_labels, test_texts: list[str], seed: int = 0):
@@ -119,6 +98,7 @@ def evaluate_model(
     from transformers import AutoConfig
 
     from components.metrics import ClassificationReport, bootstrap_ci
+    from serving.engine import TextClassifier
 
     data = datasets.load_from_disk(dataset_dir)
     label_names = data["test"].features["label"].names
@@ -131,7 +111,9 @@ def evaluate_model(
     if len(test) == 0:
         raise DataError("the test split is empty")
     y_true = np.asarray(test["label"])
-    y_pred = predict_labels(model_dir, list(test["text"]), batch_size=batch_size)
+    # the serving engine itself: what is scored here is what the predictor answers
+    classifier = TextClassifier(model_dir, max_batch_size=batch_size)
+    y_pred = classifier.predict_proba(list(test["text"])).argmax(axis=-1)
     report = ClassificationReport()
     num_labels = len(label_names)
     result: dict[str, Any] = {

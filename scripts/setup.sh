@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create .venv and install fineserve (with the test tools) into it.
+#
+# torch goes in first, pinned, so nothing else can pull another build: `pip install torch==2.13.0`
+# takes the CPU wheel on machines that provide one locally and the CUDA build from PyPI on a GPU
+# box. On another CPU-only machine, set TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu to
+# avoid downloading the CUDA libraries.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+"${pip[@]}" "torch==${TORCH_VERSION:-2.13.0}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+"${pip[@]}" -c constraints.txt -e ".[dev]"
+.venv/bin/python -c "import torch, fineserve; print('fineserve ready: torch', torch.__version__, \
+'cuda' if torch.cuda.is_available() else 'cpu')"
