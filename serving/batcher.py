@@ -25,65 +25,87 @@ class _Pending:
 
 
 class DynamicBatcher:
-    """Queue requests; one worker task runs them in batches of up to ``max_batch_size`` texts.
+    """Queue requests and run them in batches of up to ``max_batch_size`` texts.
 
-    The worker takes whatever is queued; while the batch is not full it waits at most
-    ``max_batch_wait_s`` for more. A request is never split: one with more texts than
-    ``max_batch_size`` runs as a batch of its own. ``max_batch_size=1`` turns batching off
-    (each request runs alone, still off the event loop).
+    One collector task takes whatever is queued; while the batch is not full it waits at most
+    ``max_batch_wait_s`` for more. Up to ``max_concurrent_batches`` forward passes run at once,
+    each in its own worker thread, so the event loop keeps serving meanwhile. A request is never
+    split: one with more texts than ``max_batch_size`` runs as a batch of its own.
+    ``max_batch_size=1`` turns batching off (one request per forward pass).
     """
 
     def __init__(
         self,
         run_batch: BatchFn,
         *,
-        max_batch_size: int = 32,
+        max_batch_size: int = 16,
         max_batch_wait_s: float = 0.005,
+        max_concurrent_batches: int = 1,
         observer: BatchObserver | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
         if max_batch_wait_s < 0:
             raise ValueError("max_batch_wait_s must not be negative")
+        if max_concurrent_batches < 1:
+            raise ValueError("max_concurrent_batches must be at least 1")
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_batch_wait_s = max_batch_wait_s
+        self.max_concurrent_batches = max_concurrent_batches
         self.observer = observer
         self._queue: asyncio.Queue[_Pending] | None = None
         self._carry: _Pending | None = None
-        self._worker: asyncio.Task | None = None
-        # one thread: forward passes run one after another, each using torch's intra-op threads
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fineserve-forward")
+        self._collector: asyncio.Task | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._running: set[asyncio.Task] = set()
+        self._executor = ThreadPoolExecutor(
+            max_workers=max_concurrent_batches, thread_name_prefix="fineserve-forward"
+        )
 
     async def submit(self, texts: list[str]) -> np.ndarray:
         """Probabilities for ``texts`` once the batch holding them has run."""
-        if self._worker is None or self._worker.done():
+        if self._collector is None or self._collector.done():
             self._start()
         future = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Pending(texts, future))
         return await future
 
     def _start(self) -> None:
-        self._queue = asyncio.Queue()
-        self._carry = None
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+            self._slots = asyncio.Semaphore(self.max_concurrent_batches)
         loop = asyncio.get_running_loop()
-        self._worker = loop.create_task(self._work(), name="fineserve-batcher")
+        self._collector = loop.create_task(self._collect_forever(), name="fineserve-batcher")
 
     async def close(self) -> None:
-        """Stop the worker (queued requests are cancelled) and the forward thread."""
-        if self._worker is not None:
-            self._worker.cancel()
+        """Stop collecting, cancel what is queued, and shut the worker threads down."""
+        tasks = [t for t in (self._collector, *self._running) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
+                await task
         if self._queue is not None:
             while not self._queue.empty():
                 self._queue.get_nowait().future.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def _work(self) -> None:
+    async def _collect_forever(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = await self._collect(loop)
+            await self._slots.acquire()  # a worker thread is free
+            try:
+                batch = await self._collect(loop)
+            except BaseException:
+                self._slots.release()
+                raise
+            task = loop.create_task(self._run(loop, batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
+        try:
             texts = [text for item in batch for text in item.texts]
             started = time.perf_counter()
             try:
@@ -92,7 +114,7 @@ class DynamicBatcher:
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(exc)
-                continue
+                return
             if self.observer is not None:
                 self.observer(len(texts), [started - item.enqueued for item in batch])
             offset = 0
@@ -100,6 +122,8 @@ class DynamicBatcher:
                 if not item.future.done():  # the caller may have gone away meanwhile
                     item.future.set_result(probs[offset : offset + len(item.texts)])
                 offset += len(item.texts)
+        finally:
+            self._slots.release()
 
     async def _collect(self, loop: asyncio.AbstractEventLoop) -> list[_Pending]:
         """Take one request (waiting for it), then more until full or the wait runs out."""

@@ -13,7 +13,16 @@ _DEFAULTS = ServeOptions()
 _KNOBS: list[tuple[str, type, str]] = [
     ("max_batch_size", int, "Most texts per forward pass; 1 turns dynamic batching off."),
     ("max_batch_wait_ms", float, "Longest wait for more requests while a batch is not full."),
-    ("max_batch_tokens", int, "Most padded tokens per forward pass (texts x longest)."),
+    (
+        "forward_workers",
+        int,
+        "Forward passes run at once; 0: 2 on CPU (cores split between them), 1 on GPU.",
+    ),
+    (
+        "max_batch_tokens",
+        int,
+        "Most padded tokens (texts x longest) per forward pass; 0: 512 on CPU, 16384 on GPU.",
+    ),
     ("max_texts_per_request", int, "Most texts in one request; more is a 400."),
     ("max_request_bytes", int, "Largest request body; larger is a 413."),
 ]

@@ -19,6 +19,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 _NO_LIMIT = 10**9
 
 
+#: Padded tokens per forward pass when not configured: CPU throughput peaks around 512
+#: (MiniLM-L6, 2 cores: sorted chunks of ~16 tweets); a GPU wants far wider passes.
+CPU_BATCH_TOKENS = 512
+GPU_BATCH_TOKENS = 16384
+
+
 class ModelDirError(ValueError):
     """The model directory is missing or is not a servable fineserve classifier."""
 
@@ -41,6 +47,38 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose auto or one of {sorted(DTYPES)}")
     return DTYPES[dtype]
+
+
+def default_batch_tokens(device: torch.device) -> int:
+    """Token budget of one forward pass on ``device`` when none is configured."""
+    return CPU_BATCH_TOKENS if device.type == "cpu" else GPU_BATCH_TOKENS
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: affinity and cgroup v1 (KServe's count) and cgroup v2 quota."""
+    from kserve.utils.utils import cpu_count
+
+    count = cpu_count()
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            count = min(count, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, count)
+
+
+def plan_workers(device: torch.device, forward_workers: int = 0) -> tuple[int, int]:
+    """(concurrent forward passes, torch threads each); ``forward_workers=0`` picks for you.
+
+    On CPU, two single-purpose workers beat one pass using every core (small matrices
+    parallelise poorly): with 2 cores, 2 workers x 1 thread. A GPU runs one pass at a time.
+    """
+    if device.type != "cpu":
+        return (forward_workers or 1), 0
+    cpus = available_cpus()
+    workers = forward_workers or min(2, cpus)
+    return workers, max(1, cpus // workers)
 
 
 def read_model_version(model_dir: Path) -> str:
@@ -102,16 +140,19 @@ class TextClassifier:
         *,
         device: str = "auto",
         dtype: str = "auto",
-        max_batch_size: int = 32,
-        max_batch_tokens: int = 2048,
+        max_batch_size: int = 16,
+        max_batch_tokens: int = 0,
+        threads: int = 0,
     ) -> None:
         self.model_dir = Path(model_dir)
         if not (self.model_dir / "config.json").is_file():
             raise ModelDirError(f"{self.model_dir} has no config.json; not a HF model directory")
         self.device = pick_device(device)
+        if threads and self.device.type == "cpu":
+            torch.set_num_threads(threads)  # process-wide: intra-op threads of every pass
         self.dtype = pick_dtype(dtype, self.device)
         self.max_batch_size = max_batch_size
-        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_tokens = max_batch_tokens or default_batch_tokens(self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
         self.model = AutoModelForSequenceClassification.from_pretrained(
             self.model_dir,

@@ -2,37 +2,40 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from kserve import Model
+from kserve.logging import logger
 from kserve.protocol.infer_type import InferRequest, InferResponse
 
 from serving import protocol
 from serving.batcher import DynamicBatcher
-from serving.engine import TextClassifier
+from serving.engine import TextClassifier, pick_device, plan_workers
 from serving.metrics import ModelMetrics
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ServeOptions:
     """Knobs of the predictor (CLI flags of the same names)."""
 
-    max_batch_size: int = 32
+    max_batch_size: int = 16
     max_batch_wait_ms: float = 5.0
-    max_batch_tokens: int = 2048
+    forward_workers: int = 0  # 0: 2 on CPU (1 thread each with 2 cores), 1 on a GPU
+    max_batch_tokens: int = 0  # 0: 512 on CPU, 16384 on a GPU
     max_texts_per_request: int = 64
     max_request_bytes: int = 1 << 20
     device: str = "auto"
     dtype: str = "auto"
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_batch_tokens", "max_texts_per_request"):
+        for name in ("max_batch_size", "max_texts_per_request"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        for name in ("max_batch_tokens", "forward_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
         if self.max_batch_wait_ms < 0:
             raise ValueError("max_batch_wait_ms must not be negative")
         if self.max_request_bytes < 1024:
@@ -53,12 +56,14 @@ class TextClassifierModel(Model):
     def load(self) -> bool:
         """Load weights and tokenizer, warm up once, and set up the batcher."""
         opts = self.options
+        workers, threads = plan_workers(pick_device(opts.device), opts.forward_workers)
         self.classifier = TextClassifier(
             self.model_dir,
             device=opts.device,
             dtype=opts.dtype,
             max_batch_size=opts.max_batch_size,
             max_batch_tokens=opts.max_batch_tokens,
+            threads=threads,
         )
         self.classifier.predict_proba(["warm-up"])
         self.metrics = ModelMetrics(
@@ -68,16 +73,22 @@ class TextClassifierModel(Model):
             self.classifier.predict_proba,
             max_batch_size=opts.max_batch_size,
             max_batch_wait_s=opts.max_batch_wait_ms / 1000,
+            max_concurrent_batches=workers,
             observer=self.metrics.observe_batch,
         )
         logger.info(
-            "loaded %s (version %s, %d labels, max_length %d) on %s/%s",
+            "loaded %s (version %s, %d labels, max_length %d) on %s/%s; batches of up to %d "
+            "texts (%d padded tokens), %d forward worker(s) x %d thread(s)",
             self.model_dir,
             self.classifier.model_version,
             self.classifier.num_labels,
             self.classifier.max_length,
             self.classifier.device,
             self.classifier.dtype,
+            opts.max_batch_size,
+            self.classifier.max_batch_tokens,
+            workers,
+            torch.get_num_threads(),
         )
         self.ready = True
         return self.ready

@@ -82,6 +82,26 @@ def test_batcher_coalesces_concurrent_requests_and_keeps_answers_apart():
     assert threading.get_ident() not in threads, "the forward pass ran on the event loop thread"
 
 
+def test_batcher_runs_up_to_n_batches_at_once_in_worker_threads():
+    both_running = threading.Barrier(2, timeout=5)  # breaks unless two passes overlap
+    threads: set[int] = set()
+
+    def run(texts: list[str]) -> np.ndarray:
+        threads.add(threading.get_ident())
+        both_running.wait()
+        return _scores(texts)
+
+    async def main() -> None:
+        batcher = DynamicBatcher(run, max_batch_size=2, max_concurrent_batches=2)
+        results = await asyncio.gather(*(batcher.submit([t]) for t in ("ab", "cd", "ef", "gh")))
+        await batcher.close()
+        for text, result in zip(("ab", "cd", "ef", "gh"), results, strict=True):
+            np.testing.assert_array_equal(result, _scores([text]))
+
+    asyncio.run(main())
+    assert len(threads) == 2
+
+
 def test_batcher_size_one_runs_each_request_alone_and_big_requests_whole():
     batches: list[int] = []
 

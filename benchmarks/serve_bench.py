@@ -1,0 +1,435 @@
+"""Serving benchmark: a v2 load generator, the in-process floor, and a one-run comparison.
+
+    # load any v2 endpoint at fixed concurrency (keep-alive, warm-up, offline-corpus texts)
+    python benchmarks/serve_bench.py load --url http://127.0.0.1:8080 --model NAME
+
+    # the floor: tokenize + forward of batches of 16 (and 1) in this process
+    python benchmarks/serve_bench.py floor --model-dir DIR
+
+    # everything in one run: batching on vs off vs the floor (MiniLM-L6 + a 3-label head)
+    python benchmarks/serve_bench.py compare
+
+Traffic goes to loopback only (unless --allow-remote) and every run is bounded in time and count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+LABELS = ["negative", "neutral", "positive"]
+
+
+# --- inputs -----------------------------------------------------------------------------------
+
+
+def corpus_texts(n: int = 2000, seed: int = 0) -> list[str]:
+    """``n`` tweet-length texts from the offline corpus (a Latin-1 CSV), in a fixed order."""
+    import pandas as pd
+
+    from fineserve.defaults import offline_corpus_path
+
+    frame = pd.read_csv(offline_corpus_path(), encoding="latin-1")
+    return frame["text"].sample(n=min(n, len(frame)), random_state=seed).tolist()
+
+
+def minilm_classifier(out_dir: Path) -> Path:
+    """Offline all-MiniLM-L6-v2 with a (random) 3-label head, saved to ``out_dir``."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from fineserve.defaults import offline_base_model
+
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    base = offline_base_model()
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base,
+        num_labels=len(LABELS),
+        id2label=dict(enumerate(LABELS)),
+        label2id={name: i for i, name in enumerate(LABELS)},
+    )
+    model.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out_dir)
+    return out_dir
+
+
+# --- load generator ---------------------------------------------------------------------------
+
+
+@dataclass
+class LoadResult:
+    """What one load run measured (latencies in seconds)."""
+
+    requests: int
+    errors: int
+    seconds: float
+    texts_per_request: int
+    p50: float
+    p95: float
+    p99: float
+    first_error: str = ""
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.rps * self.texts_per_request
+
+
+def _check_target(url: str, allow_remote: bool) -> None:
+    host = urlparse(url).hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not (loopback or allow_remote):
+        raise SystemExit(f"refusing to load {host!r}: only loopback unless --allow-remote")
+
+
+async def run_load(
+    url: str,
+    model: str,
+    texts: list[str],
+    *,
+    concurrency: int = 32,
+    duration: float = 20.0,
+    warmup: float = 3.0,
+    texts_per_request: int = 1,
+    max_requests: int = 100_000,
+) -> LoadResult:
+    """Closed-loop load: ``concurrency`` workers, each sending its next request on an answer."""
+    import aiohttp
+
+    endpoint = f"{url.rstrip('/')}/v2/models/{model}/infer"
+    bodies = []
+    for i in range(0, len(texts) - texts_per_request + 1, texts_per_request):
+        chunk = texts[i : i + texts_per_request]
+        tensor = {"name": "text", "shape": [len(chunk)], "datatype": "BYTES", "data": chunk}
+        bodies.append(json.dumps({"inputs": [tensor]}).encode())
+    latencies: list[float] = []
+    errors = 0
+    first_error = ""
+    sent = 0
+    headers = {"content-type": "application/json"}
+
+    async def worker(session: aiohttp.ClientSession, start: int, until: float, record: bool):
+        nonlocal errors, first_error, sent
+        i = start
+        while time.perf_counter() < until and sent < max_requests:
+            sent += 1
+            body = bodies[i % len(bodies)]
+            i += concurrency
+            began = time.perf_counter()
+            try:
+                async with session.post(endpoint, data=body, headers=headers) as response:
+                    await response.read()
+                    ok = response.status == 200
+                    problem = f"HTTP {response.status}"
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:  # noqa: UP041 (py3.10)
+                ok, problem = False, repr(exc)
+            if not record:
+                continue
+            if ok:
+                latencies.append(time.perf_counter() - began)
+            else:
+                errors += 1
+                first_error = first_error or problem
+
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        end_warmup = time.perf_counter() + warmup
+        await asyncio.gather(*(worker(session, w, end_warmup, False) for w in range(concurrency)))
+        sent = 0
+        began = time.perf_counter()
+        until = began + duration
+        await asyncio.gather(*(worker(session, w, until, True) for w in range(concurrency)))
+        seconds = time.perf_counter() - began
+    p50, p95, p99 = np.percentile(latencies, [50, 95, 99]) if latencies else (np.nan,) * 3
+    return LoadResult(
+        len(latencies), errors, seconds, texts_per_request, p50, p95, p99, first_error
+    )
+
+
+# --- the floor: bare tokenize + forward in this process -------------------------------------
+
+
+def run_floor(model_dir: Path, texts: list[str], batch_size: int, duration: float = 10.0) -> float:
+    """Samples/s of tokenize + forward in batches of ``batch_size`` (no server, no batcher)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+
+    def step(i: int) -> int:
+        batch = [texts[(i + k) % len(texts)] for k in range(batch_size)]
+        enc = tokenizer(batch, padding=True, truncation=True, return_tensors="pt")
+        model(**enc)
+        return batch_size
+
+    with torch.inference_mode():
+        for i in range(3):  # warm-up
+            step(i * batch_size)
+        done, i, began = 0, 0, time.perf_counter()
+        while time.perf_counter() - began < duration:
+            done += step(i)
+            i += batch_size
+        return done / (time.perf_counter() - began)
+
+
+# --- servers for the comparison ---------------------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """`python -m serving` as a subprocess on free local ports."""
+
+    def __init__(self, model_dir: Path, name: str, knobs: list[str], log: Path) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.name = name
+        self.argv = [
+            sys.executable,
+            "-m",
+            "serving",
+            "--model_name",
+            name,
+            "--model_dir",
+            str(model_dir),
+            "--http_port",
+            str(self.port),
+            "--grpc_port",
+            str(_free_port()),
+            *knobs,
+        ]
+        self.log = log
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> Server:
+        import httpx
+
+        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(self.argv, cwd=REPO, env=env, stdout=log, stderr=log)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited; see {self.log}")
+            try:
+                if httpx.get(f"{self.url}/v2/health/ready", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        self.__exit__()
+        raise TimeoutError(f"{self.name} not ready; see {self.log}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+# --- reporting --------------------------------------------------------------------------------
+
+
+def _print_load(label: str, r: LoadResult) -> None:
+    print(
+        f"{label:<22} {r.rps:8.1f} req/s {r.samples_per_s:8.1f} samples/s  "
+        f"p50 {r.p50 * 1000:7.1f} ms  p95 {r.p95 * 1000:7.1f} ms  p99 {r.p99 * 1000:7.1f} ms  "
+        f"errors {r.errors}" + (f" (first: {r.first_error})" if r.errors else ""),
+        flush=True,
+    )
+
+
+def _median(results: list[LoadResult]) -> dict[str, float]:
+    return {
+        key: statistics.median(getattr(r, key) for r in results)
+        for key in ("rps", "samples_per_s", "p50", "p95", "p99")
+    } | {"errors": sum(r.errors for r in results), "requests": sum(r.requests for r in results)}
+
+
+def compare(args: argparse.Namespace) -> dict:
+    """Batching on vs off (and any --variant) vs the floor, interleaved over ``--rounds``."""
+    texts = corpus_texts()
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="serve-bench-"))
+    model_dir = Path(args.model_dir) if args.model_dir else minilm_classifier(work / "minilm-3")
+    common = ["--device", "cpu", *args.server_arg]
+    variants = {
+        "batching on": common,
+        # one request per forward pass, one pass at a time: KServe's HF runtime, off the loop
+        "batching off": [*common, "--max_batch_size", "1", "--forward_workers", "1"],
+    }
+    for spec in args.variant:
+        label, _, options = spec.partition("=")
+        variants[label.strip()] = [*common, *shlex.split(options)]
+    load: dict[str, list[LoadResult]] = {name: [] for name in variants}
+    floor: dict[str, list[float]] = {"floor batch 16": [], "floor batch 1": []}
+    with contextlib.ExitStack() as stack:
+        servers = {
+            name: stack.enter_context(Server(model_dir, f"v{i}", knobs, work / f"v{i}.log"))
+            for i, (name, knobs) in enumerate(variants.items())
+        }
+        for name, knobs in variants.items():
+            print(f"{name}: python -m serving ... {' '.join(knobs)}", flush=True)
+        for round_ in range(1, args.rounds + 1):
+            print(f"--- round {round_}/{args.rounds}", flush=True)
+            for name, server in servers.items():
+                result = asyncio.run(
+                    run_load(
+                        server.url,
+                        server.name,
+                        texts,
+                        concurrency=args.concurrency,
+                        duration=args.duration,
+                        warmup=args.warmup,
+                        texts_per_request=args.texts_per_request,
+                    )
+                )
+                load[name].append(result)
+                _print_load(name, result)
+            for batch_size in (16, 1):
+                rate = run_floor(model_dir, texts, batch_size, duration=args.floor_duration)
+                floor[f"floor batch {batch_size}"].append(rate)
+                print(f"{'floor batch ' + str(batch_size):<22} {rate:8.1f} samples/s", flush=True)
+
+    summary = {name: _median(results) for name, results in load.items()}
+    summary |= {name: {"samples_per_s": statistics.median(v)} for name, v in floor.items()}
+    on, off, floor16 = summary["batching on"], summary["batching off"], summary["floor batch 16"]
+    checks: dict[str, float | bool] = {
+        "req/s on / off (target >= 2.5)": on["rps"] / off["rps"],
+        "p99 on < off": bool(on["p99"] < off["p99"]),
+        "samples/s on / floor batch 16 (target >= 0.75)": on["samples_per_s"]
+        / floor16["samples_per_s"],
+    }
+    for name in variants:
+        if name not in ("batching on", "batching off"):
+            checks[f"req/s on / {name}"] = on["rps"] / summary[name]["rps"]
+    print(
+        f"\n=== medians over {args.rounds} rounds, concurrency {args.concurrency}, "
+        f"{args.texts_per_request} text(s) per request, {args.duration:.0f} s each"
+    )
+    print("| variant | req/s | samples/s | p50 ms | p95 ms | p99 ms | errors |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, row in summary.items():
+        if "rps" in row:
+            print(
+                f"| {name} | {row['rps']:.1f} | {row['samples_per_s']:.1f} | "
+                f"{row['p50'] * 1000:.0f} | {row['p95'] * 1000:.0f} | {row['p99'] * 1000:.0f} | "
+                f"{row['errors']} |"
+            )
+        else:
+            print(f"| {name} (in-process) | | {row['samples_per_s']:.1f} | | | | |")
+    for check, value in checks.items():
+        print(f"{check}: {value}" if isinstance(value, bool) else f"{check}: {value:.2f}")
+    report = {
+        "rounds": {k: [asdict(r) for r in v] for k, v in load.items()} | floor,
+        "summary": summary,
+        "checks": checks,
+    }
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2, default=float))
+    return report
+
+
+# --- command line -----------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    load = sub.add_parser("load", help="load one v2 endpoint")
+    load.add_argument("--url", required=True, help="base URL, e.g. http://127.0.0.1:8080")
+    load.add_argument("--model", required=True, help="model name on the v2 path")
+    load.add_argument("--allow-remote", action="store_true")
+    load.add_argument("--max-requests", type=int, default=100_000)
+
+    floor = sub.add_parser("floor", help="in-process tokenize + forward")
+    floor.add_argument("--model-dir", help="HF dir (default: MiniLM-L6 with a 3-label head)")
+    floor.add_argument("--floor-duration", type=float, default=10.0)
+
+    both = sub.add_parser("compare", help="batching on vs off vs the floor, in one run")
+    both.add_argument("--model-dir", help="HF dir (default: MiniLM-L6 with a 3-label head)")
+    both.add_argument("--work-dir", help="where the model copy and server logs go")
+    both.add_argument("--rounds", type=int, default=3)
+    both.add_argument("--floor-duration", type=float, default=10.0)
+    both.add_argument("--json", help="also write the full results here")
+    both.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL=OPTIONS",
+        help="another server to compare, e.g. 'unbatched, 2 workers=--max_batch_size 1'",
+    )
+    both.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        help="extra `python -m serving` option for both servers (repeatable)",
+    )
+    for p in (load, both):
+        p.add_argument("--concurrency", type=int, default=32)
+        p.add_argument("--duration", type=float, default=20.0, help="seconds measured")
+        p.add_argument("--warmup", type=float, default=3.0, help="seconds before measuring")
+        p.add_argument("--texts-per-request", type=int, default=1)
+    args = parser.parse_args(argv)
+
+    if args.command == "load":
+        _check_target(args.url, args.allow_remote)
+        result = asyncio.run(
+            run_load(
+                args.url,
+                args.model,
+                corpus_texts(),
+                concurrency=args.concurrency,
+                duration=args.duration,
+                warmup=args.warmup,
+                texts_per_request=args.texts_per_request,
+                max_requests=args.max_requests,
+            )
+        )
+        _print_load(args.model, result)
+    elif args.command == "floor":
+        model_dir = Path(args.model_dir or minilm_classifier(Path(tempfile.mkdtemp()) / "m"))
+        texts = corpus_texts()
+        for batch_size in (16, 1):
+            rate = run_floor(model_dir, texts, batch_size, duration=args.floor_duration)
+            print(f"floor batch {batch_size:<3} {rate:8.1f} samples/s")
+    else:
+        compare(args)
+
+
+if __name__ == "__main__":
+    main()
