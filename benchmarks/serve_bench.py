@@ -302,7 +302,8 @@ def compare(args: argparse.Namespace) -> dict:
         for name, knobs in variants.items():
             print(f"{name}: python -m serving ... {' '.join(knobs)}", flush=True)
         for round_ in range(1, args.rounds + 1):
-            print(f"--- round {round_}/{args.rounds}", flush=True)
+            load_avg = " ".join(f"{x:.2f}" for x in os.getloadavg())
+            print(f"--- round {round_}/{args.rounds} (load average {load_avg})", flush=True)
             for name, server in servers.items():
                 result = asyncio.run(
                     run_load(

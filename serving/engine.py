@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: Tokenizers without a limit report this sentinel (int(1e30)) as model_max_length.
@@ -168,6 +166,9 @@ class TextClassifier:
         self.labels: list[str] = [id2label[i] for i in range(len(id2label))]
         self.max_length = self._max_length()
         self.model_version = read_model_version(self.model_dir)
+        # a fast tokenizer resets its truncation state on every call and is not safe to call
+        # from two threads at once ("Already borrowed"); forward passes are
+        self._tokenizer_lock = threading.Lock()
 
     def _max_length(self) -> int:
         limit = self.tokenizer.model_max_length
@@ -186,9 +187,10 @@ class TextClassifier:
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         """Token ids per text (special tokens added, truncated to the model's max length)."""
-        encoded = self.tokenizer(
-            texts, truncation=True, max_length=self.max_length, return_attention_mask=False
-        )
+        with self._tokenizer_lock:
+            encoded = self.tokenizer(
+                texts, truncation=True, max_length=self.max_length, return_attention_mask=False
+            )
         return encoded["input_ids"]
 
     def predict_proba(self, texts: list[str]) -> np.ndarray:
@@ -201,7 +203,8 @@ class TextClassifier:
 
     @torch.inference_mode()
     def _forward(self, ids: list[list[int]]) -> np.ndarray:
-        batch = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt")
+        with self._tokenizer_lock:
+            batch = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt")
         batch = {name: tensor.to(self.device) for name, tensor in batch.items()}
         logits = self.model(**batch).logits
         return torch.softmax(logits.float(), dim=-1).cpu().numpy()

@@ -171,6 +171,16 @@ def test_batched_results_equal_single_results(classifier, corpus_texts):
     np.testing.assert_allclose(batched.sum(1), 1.0, atol=1e-5)
 
 
+def test_classifier_is_safe_to_call_from_several_threads(classifier, corpus_texts):
+    from concurrent.futures import ThreadPoolExecutor
+
+    expected = classifier.predict_proba(corpus_texts)
+    chunks = [corpus_texts[i : i + 5] for i in range(0, len(corpus_texts), 5)] * 4
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(classifier.predict_proba, chunks))
+    np.testing.assert_allclose(np.concatenate(results[: len(chunks) // 4]), expected, atol=1e-5)
+
+
 def test_inference_matches_plain_transformers(tiny_classifier, classifier, corpus_texts):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
