@@ -1,20 +1,33 @@
-"""Dynamic batching: coalesce concurrent requests into one forward pass run off the event loop."""
+"""Dynamic batching: coalesce concurrent requests, run the forward passes off the event loop."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
-#: Runs one batch: texts in, float32 probabilities [len(texts), C] out (called in a worker thread).
-BatchFn = Callable[[list[str]], np.ndarray]
-#: Told about every batch run: (number of texts, seconds each request waited in the queue).
+#: Told about every batch: (number of texts, seconds each request waited in the queue).
 BatchObserver = Callable[[int, list[float]], None]
+
+
+class Job(Protocol):
+    """One forward pass over some texts of a batch (``indices`` into the batch's texts)."""
+
+    indices: list[int]
+
+
+class BatchRunner(Protocol):
+    """Splits a batch into forward passes and runs them (both called in worker threads)."""
+
+    def plan(self, texts: list[str]) -> Sequence[Job]: ...
+
+    def run(self, job: Job) -> np.ndarray: ...
 
 
 @dataclass
@@ -24,47 +37,74 @@ class _Pending:
     enqueued: float = field(default_factory=time.perf_counter)
 
 
-class DynamicBatcher:
-    """Queue requests and run them in batches of up to ``max_batch_size`` texts.
+class _Batch:
+    """Requests run together; each is answered as soon as the passes holding its texts end."""
 
-    One collector task takes whatever is queued; while the batch is not full it waits at most
-    ``max_batch_wait_s`` for more. Up to ``max_concurrent_batches`` forward passes run at once,
-    each in its own worker thread, so the event loop keeps serving meanwhile. A request is never
-    split: one with more texts than ``max_batch_size`` runs as a batch of its own.
-    ``max_batch_size=1`` turns batching off (one request per forward pass).
+    def __init__(self, items: list[_Pending]) -> None:
+        self.items = items
+        self.texts = [text for item in items for text in item.texts]
+        self.owner = [i for i, item in enumerate(items) for _ in item.texts]
+        self.offsets = np.cumsum([0] + [len(item.texts) for item in items]).tolist()
+        self.left = [len(item.texts) for item in items]
+        self.probs: np.ndarray | None = None
+
+    def done(self, job: Job, probs: np.ndarray) -> None:
+        if self.probs is None:
+            self.probs = np.empty((len(self.texts), probs.shape[1]), dtype=probs.dtype)
+        self.probs[job.indices] = probs
+        for index in job.indices:
+            owner = self.owner[index]
+            self.left[owner] -= 1
+            future = self.items[owner].future
+            if self.left[owner] == 0 and not future.done():  # its caller may have gone
+                future.set_result(self.probs[self.offsets[owner] : self.offsets[owner + 1]])
+
+    def fail(self, exc: BaseException, indices: Sequence[int] | None = None) -> None:
+        owners = {self.owner[i] for i in indices} if indices is not None else range(len(self.items))
+        for owner in owners:
+            if not self.items[owner].future.done():
+                self.items[owner].future.set_exception(exc)
+
+
+class DynamicBatcher:
+    """Queue requests; run them in batches of up to ``max_batch_size`` texts.
+
+    One collector task takes whatever is queued, and while the batch is not full waits at most
+    ``max_batch_wait_s`` for more. The runner splits the batch into forward passes (texts of
+    similar length together); ``workers`` passes run at once in worker threads, so the event
+    loop keeps serving, and each request is answered when its own texts are done. A request is
+    never split across batches. ``max_batch_size=1`` turns batching off.
     """
 
     def __init__(
         self,
-        run_batch: BatchFn,
+        runner: BatchRunner,
         *,
-        max_batch_size: int = 16,
+        max_batch_size: int = 32,
         max_batch_wait_s: float = 0.005,
-        max_concurrent_batches: int = 1,
+        workers: int = 1,
         observer: BatchObserver | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
         if max_batch_wait_s < 0:
             raise ValueError("max_batch_wait_s must not be negative")
-        if max_concurrent_batches < 1:
-            raise ValueError("max_concurrent_batches must be at least 1")
-        self.run_batch = run_batch
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
+        self.runner = runner
         self.max_batch_size = max_batch_size
         self.max_batch_wait_s = max_batch_wait_s
-        self.max_concurrent_batches = max_concurrent_batches
+        self.workers = workers
         self.observer = observer
         self._queue: asyncio.Queue[_Pending] | None = None
         self._carry: _Pending | None = None
         self._collector: asyncio.Task | None = None
-        self._slots: asyncio.Semaphore | None = None
+        self._free: asyncio.Semaphore | None = None  # idle worker threads
         self._running: set[asyncio.Task] = set()
-        self._executor = ThreadPoolExecutor(
-            max_workers=max_concurrent_batches, thread_name_prefix="fineserve-forward"
-        )
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="fineserve-forward")
 
     async def submit(self, texts: list[str]) -> np.ndarray:
-        """Probabilities for ``texts`` once the batch holding them has run."""
+        """Probabilities [len(texts), C] for ``texts``, once the passes holding them have run."""
         if self._collector is None or self._collector.done():
             self._start()
         future = asyncio.get_running_loop().create_future()
@@ -74,7 +114,7 @@ class DynamicBatcher:
     def _start(self) -> None:
         if self._queue is None:
             self._queue = asyncio.Queue()
-            self._slots = asyncio.Semaphore(self.max_concurrent_batches)
+            self._free = asyncio.Semaphore(self.workers)
         loop = asyncio.get_running_loop()
         self._collector = loop.create_task(self._collect_forever(), name="fineserve-batcher")
 
@@ -94,36 +134,46 @@ class DynamicBatcher:
     async def _collect_forever(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await self._slots.acquire()  # a worker thread is free
+            await self._free.acquire()  # collect only when a worker can start on it
+            held = True
             try:
-                batch = await self._collect(loop)
-            except BaseException:
-                self._slots.release()
-                raise
-            task = loop.create_task(self._run(loop, batch))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+                batch = _Batch(await self._collect(loop))
+                for job in await self._plan(loop, batch):
+                    if not held:
+                        await self._free.acquire()
+                    self._spawn(loop, batch, job)  # the job frees its worker when it ends
+                    held = False
+            finally:
+                if held:
+                    self._free.release()
 
-    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
+    async def _plan(self, loop: asyncio.AbstractEventLoop, batch: _Batch) -> Sequence[Job]:
+        started = time.perf_counter()
         try:
-            texts = [text for item in batch for text in item.texts]
-            started = time.perf_counter()
-            try:
-                probs = await loop.run_in_executor(self._executor, self.run_batch, texts)
-            except Exception as exc:  # the model failed: every caller in the batch learns why
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
-                return
-            if self.observer is not None:
-                self.observer(len(texts), [started - item.enqueued for item in batch])
-            offset = 0
-            for item in batch:
-                if not item.future.done():  # the caller may have gone away meanwhile
-                    item.future.set_result(probs[offset : offset + len(item.texts)])
-                offset += len(item.texts)
+            jobs = await loop.run_in_executor(self._executor, self.runner.plan, batch.texts)
+        except Exception as exc:  # e.g. the tokenizer failed: the whole batch learns why
+            batch.fail(exc)
+            return []
+        planned = sorted(i for job in jobs for i in job.indices)
+        if planned != list(range(len(batch.texts))):  # never leave a caller waiting forever
+            batch.fail(RuntimeError(f"the runner planned texts {planned} of {len(batch.texts)}"))
+            return []
+        if self.observer is not None:
+            self.observer(len(batch.texts), [started - item.enqueued for item in batch.items])
+        return jobs
+
+    def _spawn(self, loop: asyncio.AbstractEventLoop, batch: _Batch, job: Job) -> None:
+        task = loop.create_task(self._run(loop, batch, job))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, batch: _Batch, job: Job) -> None:
+        try:
+            batch.done(job, await loop.run_in_executor(self._executor, self.runner.run, job))
+        except Exception as exc:  # the model failed: the callers of these texts learn why
+            batch.fail(exc, job.indices)
         finally:
-            self._slots.release()
+            self._free.release()
 
     async def _collect(self, loop: asyncio.AbstractEventLoop) -> list[_Pending]:
         """Take one request (waiting for it), then more until full or the wait runs out."""

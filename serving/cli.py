@@ -11,7 +11,7 @@ from serving.predictor import ServeOptions
 _DEFAULTS = ServeOptions()
 #: (option, type, help) of the predictor knobs; defaults come from ServeOptions.
 _KNOBS: list[tuple[str, type, str]] = [
-    ("max_batch_size", int, "Most texts per forward pass; 1 turns dynamic batching off."),
+    ("max_batch_size", int, "Most texts coalesced into one batch; 1 turns batching off."),
     ("max_batch_wait_ms", float, "Longest wait for more requests while a batch is not full."),
     (
         "forward_workers",

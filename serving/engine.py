@@ -129,6 +129,14 @@ def plan_chunks(lengths: list[int], max_texts: int, max_tokens: int) -> list[Chu
     return chunks
 
 
+@dataclass(frozen=True)
+class ForwardJob:
+    """Token ids of texts padded and run together; ``indices`` place them in their batch."""
+
+    indices: list[int]
+    ids: list[list[int]]
+
+
 class TextClassifier:
     """A sequence-classification model plus its tokenizer, ready for batched inference."""
 
@@ -193,12 +201,21 @@ class TextClassifier:
             )
         return encoded["input_ids"]
 
+    def plan(self, texts: list[str]) -> list[ForwardJob]:
+        """Tokenize ``texts`` and group them into forward passes of similar length."""
+        ids = self.token_ids(texts)
+        chunks = plan_chunks([len(x) for x in ids], self.max_batch_size, self.max_batch_tokens)
+        return [ForwardJob(c.indices, [ids[i] for i in c.indices]) for c in chunks]
+
+    def run(self, job: ForwardJob) -> np.ndarray:
+        """Probabilities [len(job.indices), num_labels] of one planned forward pass."""
+        return self._forward(job.ids)
+
     def predict_proba(self, texts: list[str]) -> np.ndarray:
         """Class probabilities, float32 [len(texts), num_labels], in the input order."""
-        ids = self.token_ids(texts)
         probs = np.empty((len(texts), self.num_labels), dtype=np.float32)
-        for chunk in plan_chunks([len(x) for x in ids], self.max_batch_size, self.max_batch_tokens):
-            probs[chunk.indices] = self._forward([ids[i] for i in chunk.indices])
+        for job in self.plan(texts):
+            probs[job.indices] = self.run(job)
         return probs
 
     @torch.inference_mode()

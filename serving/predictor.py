@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from serving.metrics import ModelMetrics
 class ServeOptions:
     """Knobs of the predictor (CLI flags of the same names)."""
 
-    max_batch_size: int = 16
+    max_batch_size: int = 32
     max_batch_wait_ms: float = 5.0
     forward_workers: int = 0  # 0: 2 on CPU (1 thread each with 2 cores), 1 on a GPU
     max_batch_tokens: int = 0  # 0: 512 on CPU, 16384 on a GPU
@@ -66,14 +67,16 @@ class TextClassifierModel(Model):
             threads=threads,
         )
         self.classifier.predict_proba(["warm-up"])
+        gc.collect()
+        gc.freeze()  # the loaded libraries' objects: no full-GC pauses walking them under load
         self.metrics = ModelMetrics(
             self.name, self.classifier.model_version, str(self.classifier.device)
         )
         self.batcher = DynamicBatcher(
-            self.classifier.predict_proba,
+            self.classifier,
             max_batch_size=opts.max_batch_size,
             max_batch_wait_s=opts.max_batch_wait_ms / 1000,
-            max_concurrent_batches=workers,
+            workers=workers,
             observer=self.metrics.observe_batch,
         )
         logger.info(

@@ -7,6 +7,7 @@ import asyncio
 import json
 import shutil
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -57,96 +58,145 @@ def _scores(texts: list[str]) -> np.ndarray:
     return np.array([[len(t), ord(t[0])] for t in texts], dtype=np.float32)
 
 
-def test_batcher_coalesces_concurrent_requests_and_keeps_answers_apart():
-    batches: list[int] = []
-    threads: set[int] = set()
+@dataclass(frozen=True)
+class _Job:
+    indices: list[int]
+    texts: list[str]
 
-    def run(texts: list[str]) -> np.ndarray:
-        batches.append(len(texts))
-        threads.add(threading.get_ident())
-        return _scores(texts)
+
+class _Runner:
+    """Stand-in for TextClassifier: passes of up to ``per_pass`` texts, recorded."""
+
+    def __init__(self, per_pass: int = 1000, before_run=None) -> None:
+        self.per_pass = per_pass
+        self.before_run = before_run or (lambda job: None)
+        self.batches: list[list[str]] = []
+        self.threads: set[int] = set()
+
+    def plan(self, texts: list[str]) -> list[_Job]:
+        self.batches.append(list(texts))
+        n, step = len(texts), self.per_pass
+        return [
+            _Job(list(range(i, min(i + step, n))), texts[i : i + step]) for i in range(0, n, step)
+        ]
+
+    def run(self, job: _Job) -> np.ndarray:
+        self.threads.add(threading.get_ident())
+        self.before_run(job)
+        return _scores(job.texts)
+
+
+def test_batcher_coalesces_concurrent_requests_and_keeps_answers_apart():
+    runner = _Runner(per_pass=3)
+    requests = [[chr(97 + i) * (i + 1)] * (1 + i % 3) for i in range(12)]
 
     async def main() -> list[np.ndarray]:
-        batcher = DynamicBatcher(run, max_batch_size=8, max_batch_wait_s=0.05)
-        requests = [[f"{chr(97 + i)}" * (i + 1)] * (1 + i % 3) for i in range(12)]
+        batcher = DynamicBatcher(runner, max_batch_size=8, max_batch_wait_s=0.05, workers=2)
         results = await asyncio.gather(*(batcher.submit(r) for r in requests))
         await batcher.close()
-        for request, result in zip(requests, results, strict=True):
-            np.testing.assert_array_equal(result, _scores(request))
         return results
 
-    asyncio.run(main())
-    assert sum(batches) == sum(1 + i % 3 for i in range(12))
-    assert max(batches) <= 8
-    assert len(batches) < 12, "concurrent requests were not coalesced"
-    assert threading.get_ident() not in threads, "the forward pass ran on the event loop thread"
+    for request, result in zip(requests, asyncio.run(main()), strict=True):
+        np.testing.assert_array_equal(result, _scores(request))
+    sizes = [len(batch) for batch in runner.batches]
+    assert sum(sizes) == sum(len(r) for r in requests)
+    assert max(sizes) <= 8
+    assert len(sizes) < len(requests), "concurrent requests were not coalesced"
+    assert threading.get_ident() not in runner.threads, "a forward pass ran on the event loop"
 
 
-def test_batcher_runs_up_to_n_batches_at_once_in_worker_threads():
+def test_batcher_runs_passes_in_parallel_worker_threads():
     both_running = threading.Barrier(2, timeout=5)  # breaks unless two passes overlap
-    threads: set[int] = set()
+    runner = _Runner(per_pass=1, before_run=lambda job: both_running.wait())
 
-    def run(texts: list[str]) -> np.ndarray:
-        threads.add(threading.get_ident())
-        both_running.wait()
-        return _scores(texts)
-
-    async def main() -> None:
-        batcher = DynamicBatcher(run, max_batch_size=2, max_concurrent_batches=2)
+    async def main() -> list[np.ndarray]:
+        batcher = DynamicBatcher(runner, max_batch_size=4, workers=2)
         results = await asyncio.gather(*(batcher.submit([t]) for t in ("ab", "cd", "ef", "gh")))
         await batcher.close()
-        for text, result in zip(("ab", "cd", "ef", "gh"), results, strict=True):
-            np.testing.assert_array_equal(result, _scores([text]))
+        return results
+
+    for text, result in zip(("ab", "cd", "ef", "gh"), asyncio.run(main()), strict=True):
+        np.testing.assert_array_equal(result, _scores([text]))
+    assert len(runner.threads) == 2
+
+
+def test_batcher_answers_each_request_when_its_own_pass_ends():
+    slow_may_finish = threading.Event()
+    runner = _Runner(
+        per_pass=1, before_run=lambda job: job.texts[0] == "slow" and slow_may_finish.wait(5)
+    )
+
+    async def main() -> None:
+        batcher = DynamicBatcher(runner, max_batch_size=2, max_batch_wait_s=0.05, workers=2)
+        fast = asyncio.ensure_future(batcher.submit(["fast"]))
+        slow = asyncio.ensure_future(batcher.submit(["slow"]))
+        await asyncio.wait_for(fast, 2)  # answered while "slow" of the same batch still runs
+        assert not slow.done()
+        slow_may_finish.set()
+        np.testing.assert_array_equal(await slow, _scores(["slow"]))
+        await batcher.close()
 
     asyncio.run(main())
-    assert len(threads) == 2
+    assert runner.batches == [["fast", "slow"]]
 
 
 def test_batcher_size_one_runs_each_request_alone_and_big_requests_whole():
-    batches: list[int] = []
-
-    def run(texts: list[str]) -> np.ndarray:
-        batches.append(len(texts))
-        return _scores(texts)
+    runner = _Runner()
 
     async def main() -> None:
-        batcher = DynamicBatcher(run, max_batch_size=1, max_batch_wait_s=0.01)
+        batcher = DynamicBatcher(runner, max_batch_size=1, max_batch_wait_s=0.01)
         await asyncio.gather(*(batcher.submit(["x"]) for _ in range(5)), batcher.submit(["y"] * 3))
         await batcher.close()
 
     asyncio.run(main())
-    assert sorted(batches) == [1, 1, 1, 1, 1, 3]
+    assert sorted(len(batch) for batch in runner.batches) == [1, 1, 1, 1, 1, 3]
 
 
-def test_batcher_reports_model_errors_to_callers_and_keeps_working():
-    def run(texts: list[str]) -> np.ndarray:
-        if "boom" in texts:
+def test_batcher_reports_model_errors_to_their_callers_and_keeps_working():
+    def explode(job: _Job) -> None:
+        if "boom" in job.texts:
             raise RuntimeError("model exploded")
-        return _scores(texts)
+
+    runner = _Runner(per_pass=1, before_run=explode)
 
     async def main() -> None:
-        batcher = DynamicBatcher(run, max_batch_size=4, max_batch_wait_s=0.0)
-        with pytest.raises(RuntimeError, match="model exploded"):
-            await batcher.submit(["boom"])
-        np.testing.assert_array_equal(await batcher.submit(["ok"]), _scores(["ok"]))
+        batcher = DynamicBatcher(runner, max_batch_size=4, max_batch_wait_s=0.05)
+        boom, ok = await asyncio.gather(
+            batcher.submit(["boom"]), batcher.submit(["ok"]), return_exceptions=True
+        )
+        assert isinstance(boom, RuntimeError) and "model exploded" in str(boom)
+        np.testing.assert_array_equal(ok, _scores(["ok"]))  # same batch, other pass: fine
+        np.testing.assert_array_equal(await batcher.submit(["later"]), _scores(["later"]))
+        await batcher.close()
+
+    asyncio.run(main())
+
+
+def test_batcher_fails_callers_whose_texts_the_runner_did_not_plan():
+    class Forgetful(_Runner):
+        def plan(self, texts: list[str]) -> list[_Job]:
+            return super().plan(texts)[:-1]
+
+    async def main() -> None:
+        batcher = DynamicBatcher(Forgetful(per_pass=1), max_batch_size=2, max_batch_wait_s=0.05)
+        results = await asyncio.wait_for(
+            asyncio.gather(batcher.submit(["a"]), batcher.submit(["b"]), return_exceptions=True),
+            5,
+        )
+        assert all(isinstance(r, RuntimeError) for r in results), results
         await batcher.close()
 
     asyncio.run(main())
 
 
 def test_batcher_skips_requests_whose_caller_gave_up():
-    seen: list[str] = []
     release = threading.Event()
-
-    def run(texts: list[str]) -> np.ndarray:
-        seen.extend(texts)
-        release.wait(5)
-        return _scores(texts)
+    runner = _Runner(before_run=lambda job: release.wait(5))
 
     async def main() -> None:
-        batcher = DynamicBatcher(run, max_batch_size=1, max_batch_wait_s=0.0)
+        batcher = DynamicBatcher(runner, max_batch_size=1, max_batch_wait_s=0.0)
         first = asyncio.ensure_future(batcher.submit(["first"]))
-        await asyncio.sleep(0.05)  # "first" is now in the forward pass
+        await asyncio.sleep(0.05)  # "first" is now in its forward pass
         gone = asyncio.ensure_future(batcher.submit(["gone"]))
         await asyncio.sleep(0.01)
         gone.cancel()
@@ -156,7 +206,15 @@ def test_batcher_skips_requests_whose_caller_gave_up():
         await batcher.close()
 
     asyncio.run(main())
-    assert seen == ["first", "last"]
+    assert runner.batches == [["first"], ["last"]]
+
+
+def test_classifier_plans_length_sorted_passes_that_cover_the_batch(classifier, corpus_texts):
+    jobs = classifier.plan(corpus_texts)
+    assert sorted(i for job in jobs for i in job.indices) == list(range(len(corpus_texts)))
+    assert all(len(job.ids) <= classifier.max_batch_size for job in jobs)
+    longest = [max(len(ids) for ids in job.ids) for job in jobs]
+    assert longest == sorted(longest)
 
 
 # --- model loading and inference --------------------------------------------------------------
