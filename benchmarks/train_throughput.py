@@ -6,11 +6,12 @@ test split. The baseline is the tutorial recipe: `tokenizer(..., padding=True)` 
 `map` (every row padded to the longest of its 1000-row map batch), a shuffled DataLoader, and an
 fp32 AdamW loop with a linear schedule.
 
-    python benchmarks/train_throughput.py --train-rows 3000 --epochs 1
+    python benchmarks/train_throughput.py --train-rows 3000 --epochs 1 --seeds 1 2 3
 """
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +24,9 @@ from components.tokenization import tokenize_dataset
 from components.training import precision_flags, train_model
 from fineserve.defaults import offline_base_model, offline_corpus_path
 
+TUTORIAL = "tutorial loop (padding=True, fp32 AdamW)"
+FINESERVE = f"fineserve train step ({'bf16' if precision_flags()['bf16'] else 'fp32'})"
+
 
 def tutorial_loop(raw_dir: str, out_dir: str, args: argparse.Namespace) -> dict:
     """The plain loop (HF course, "A full training"), timed over its training batches only."""
@@ -31,6 +35,7 @@ def tutorial_loop(raw_dir: str, out_dir: str, args: argparse.Namespace) -> dict:
     from transformers import (
         AutoModelForSequenceClassification,
         AutoTokenizer,
+        DataCollatorWithPadding,
         get_linear_schedule_with_warmup,
     )
 
@@ -44,7 +49,7 @@ def tutorial_loop(raw_dir: str, out_dir: str, args: argparse.Namespace) -> dict:
         batched=True,
         remove_columns=["text"],
     )
-    train = train.rename_column("label", "labels").with_format("torch")
+    train = train.rename_column("label", "labels")
     model = AutoModelForSequenceClassification.from_pretrained(
         args.base_model,
         num_labels=len(names),
@@ -53,7 +58,10 @@ def tutorial_loop(raw_dir: str, out_dir: str, args: argparse.Namespace) -> dict:
     )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device).train()
-    loader = DataLoader(train, batch_size=args.batch_size, shuffle=True)
+    # rows of different 1000-row map batches differ in length: the collator stacks them (their
+    # padding already happened in `map`, to the longest row of each map batch)
+    collate = DataCollatorWithPadding(tokenizer)
+    loader = DataLoader(train, batch_size=args.batch_size, shuffle=True, collate_fn=collate)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.01)
     steps = int(args.epochs * len(loader))
     schedule = get_linear_schedule_with_warmup(optimizer, int(0.06 * steps), steps)
@@ -102,21 +110,9 @@ def mfu(samples_per_s: float, mean_tokens: float, params: int, peak_tflops: floa
     return samples_per_s * 6 * params * mean_tokens / (peak_tflops * 1e12)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base-model", default=offline_base_model())
-    parser.add_argument("--train-rows", type=int, default=3000)
-    parser.add_argument("--eval-rows", type=int, default=1000)
-    parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--learning-rate", type=float, default=1e-4)
-    parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument(
-        "--peak-tflops", type=float, default=0.0, help="device bf16 peak, for MFU on a GPU"
-    )
-    args = parser.parse_args()
-
+def run_once(args: argparse.Namespace, seed: int) -> tuple[dict, dict]:
+    """Both trainers on one seed's split and sample; returns their rows and the token stats."""
+    args = argparse.Namespace(**{**vars(args), "seed": seed})
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         raw = str(work / "raw")
@@ -127,13 +123,11 @@ def main() -> None:
             label_column="sentiment",
             max_train_samples=args.train_rows,
             max_eval_samples=args.eval_rows,
-            seed=args.seed,
+            seed=seed,
         )
         results = {
-            "tutorial loop (padding=True, fp32 AdamW)": tutorial_loop(
-                raw, str(work / "tutorial"), args
-            ),
-            f"fineserve train step ({precision_flags_name()})": fineserve_train(raw, work, args),
+            TUTORIAL: tutorial_loop(raw, str(work / "tutorial"), args),
+            FINESERVE: fineserve_train(raw, work, args),
         }
         for name, folder in zip(results, ("tutorial", "fineserve"), strict=True):
             scores = evaluate_model(
@@ -146,27 +140,68 @@ def main() -> None:
             )["model"]
             results[name].update(accuracy=scores["accuracy"], macro_f1=scores["macro_f1"])
         stats = json.loads((work / "tok" / "token_stats.json").read_text())
-    base, ours = results.values()
-    print(f"device: {'cuda' if torch.cuda.is_available() else 'cpu'}, torch threads "
-          f"{torch.get_num_threads()}, {args.train_rows} train rows, {args.epochs:g} epoch(s)")
-    print(f"{'':44} {'samples/s':>10} {'seconds':>8} {'accuracy':>9} {'macro-F1':>9}")
-    for name, row in results.items():
-        print(f"{name:44} {row['samples_per_s']:10.1f} {row['seconds']:8.1f} "
-              f"{row['accuracy']:9.4f} {row['macro_f1']:9.4f}")
-    print(f"speed-up: {ours['samples_per_s'] / base['samples_per_s']:.2f}x; "
-          f"mean tokens per row {stats['token_lengths']['train']['mean']:.1f}, tutorial padded to "
-          f"{base['padded_tokens'] / args.train_rows / args.epochs:.1f}")
+    padded = results[TUTORIAL]["padded_tokens"] / args.train_rows / args.epochs
+    print(
+        f"seed {seed}: "
+        + "; ".join(
+            f"{name}: {row['samples_per_s']:.1f} samples/s, macro-F1 {row['macro_f1']:.4f}"
+            for name, row in results.items()
+        ),
+        flush=True,
+    )
+    return results, {"mean_tokens": stats["token_lengths"]["train"]["mean"], "padded": padded}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base-model", default=offline_base_model())
+    parser.add_argument("--train-rows", type=int, default=3000)
+    parser.add_argument("--eval-rows", type=int, default=1000)
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument(
+        "--peak-tflops", type=float, default=0.0, help="device bf16 peak, for MFU on a GPU"
+    )
+    args = parser.parse_args()
+
+    runs = [run_once(args, seed) for seed in args.seeds]
+    print(
+        f"device: {'cuda' if torch.cuda.is_available() else 'cpu'}, torch threads "
+        f"{torch.get_num_threads()}, {args.train_rows} train rows, {args.epochs:g} epoch(s), "
+        f"seeds {args.seeds} (mean ± sd over seeds)"
+    )
+    print(f"{'':44} {'samples/s':>14} {'accuracy':>16} {'macro-F1':>16}")
+    summary = {}
+    for name in (TUTORIAL, FINESERVE):
+        rows = [results[name] for results, _ in runs]
+        summary[name] = {
+            k: _mean_sd([r[k] for r in rows]) for k in ("samples_per_s", "accuracy", "macro_f1")
+        }
+        cells = [
+            f"{m:.1f} ± {sd:.1f}" if k == "samples_per_s" else f"{m:.4f} ± {sd:.4f}"
+            for k, (m, sd) in summary[name].items()
+        ]
+        print(f"{name:44} {cells[0]:>14} {cells[1]:>16} {cells[2]:>16}")
+    speedups = [r[FINESERVE]["samples_per_s"] / r[TUTORIAL]["samples_per_s"] for r, _ in runs]
+    tokens = runs[0][1]
+    print(
+        f"speed-up: {statistics.mean(speedups):.2f}x (per seed: "
+        f"{', '.join(f'{x:.2f}' for x in speedups)}); mean tokens per row "
+        f"{tokens['mean_tokens']:.1f}, tutorial rows padded to {tokens['padded']:.1f}"
+    )
     if torch.cuda.is_available() and args.peak_tflops:
         from transformers import AutoModel
 
         params = sum(p.numel() for p in AutoModel.from_pretrained(args.base_model).parameters())
-        mean = stats["token_lengths"]["train"]["mean"]
-        print(f"MFU: {mfu(ours['samples_per_s'], mean, params, args.peak_tflops):.1%}")
+        rate = summary[FINESERVE]["samples_per_s"][0]
+        print(f"MFU: {mfu(rate, tokens['mean_tokens'], params, args.peak_tflops):.1%}")
 
 
-def precision_flags_name() -> str:
-    flags = precision_flags()
-    return "bf16" if flags["bf16"] else "fp16" if flags["fp16"] else "fp32"
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 if __name__ == "__main__":

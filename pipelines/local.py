@@ -4,7 +4,10 @@ Each step runs as a subprocess of the current Python environment (which must hav
 installed), streams its logs, and writes its artifacts under ``output_dir/<run name>/<task>/``.
 """
 
+import contextlib
 import json
+import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +58,29 @@ class LocalRun:
         return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def _steps_run_this_interpreter():
+    """Run steps with `python3` from PATH, that being this interpreter.
+
+    kfp.local (2.17) points steps at this interpreter by replacing every "python3" in a step's
+    command line with `sys.executable`, parameter values included: a path such as
+    `.venv/lib/python3.11/site-packages/...` comes out mangled. Setting `sys.executable` to
+    "python3" makes that replacement a no-op; this interpreter's own `python3` goes first on PATH.
+    """
+    python3 = Path(sys.executable).with_name("python3")
+    if not python3.exists() or python3.resolve() != Path(sys.executable).resolve():
+        yield  # no sibling python3 to rely on: keep kfp's behaviour
+        return
+    saved_executable, saved_path = sys.executable, os.environ.get("PATH", "")
+    sys.executable = "python3"
+    os.environ["PATH"] = f"{python3.parent}{os.pathsep}{saved_path}"
+    try:
+        yield
+    finally:
+        sys.executable = saved_executable
+        os.environ["PATH"] = saved_path
+
+
 def run_local(arguments: dict[str, Any], output_dir: str | Path) -> LocalRun:
     """Run the DAG with ``arguments`` (already validated); raise if a step fails."""
     from kfp import local
@@ -68,7 +94,8 @@ def run_local(arguments: dict[str, Any], output_dir: str | Path) -> LocalRun:
     )
     before = set(output_dir.glob(f"{PIPELINE_NAME}-*"))
     started = time.monotonic()
-    task = build_training_pipeline(download_retries=0)(**arguments)
+    with _steps_run_this_interpreter():
+        task = build_training_pipeline(download_retries=0)(**arguments)
     seconds = time.monotonic() - started
     (run_dir,) = set(output_dir.glob(f"{PIPELINE_NAME}-*")) - before
     results = json.loads((run_dir / "evaluate" / "results").read_text())

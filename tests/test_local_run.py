@@ -22,8 +22,12 @@ def _fineserve(*args: str, cwd) -> subprocess.CompletedProcess:
 def test_local_run_registers_a_version_with_alias_and_metrics(
     small_corpus_csv, tiny_base_model, tmp_path
 ):
+    # a path with "python3" in it, as every venv's site-packages has (kfp.local used to mangle it)
+    data = tmp_path / "lib" / "python3.11" / "corpus.csv"
+    data.parent.mkdir(parents=True)
+    data.write_bytes(small_corpus_csv.read_bytes())
     (tmp_path / "params.yaml").write_text(
-        f"dataset: {small_corpus_csv}\nbase_model: {tiny_base_model}\nmax_length: 32\n"
+        f"dataset: {data}\nbase_model: {tiny_base_model}\nmax_length: 32\n"
     )
     run = _fineserve(
         "run", "--local", "--params", "params.yaml",
