@@ -196,6 +196,36 @@ def run_floor(model_dir: Path, texts: list[str], batch_size: int, duration: floa
         return done / (time.perf_counter() - began)
 
 
+# --- a shared machine ---------------------------------------------------------------------
+
+
+def cpu_busy(seconds: float = 2.0) -> float:
+    """Fraction of all CPUs busy over ``seconds`` (from /proc/stat; 0 where there is none)."""
+
+    def sample() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields) - idle, sum(fields)
+
+    try:
+        busy0, total0 = sample()
+        time.sleep(seconds)
+        busy1, total1 = sample()
+    except OSError:
+        return 0.0
+    return (busy1 - busy0) / max(1, total1 - total0)
+
+
+def wait_until_quiet(limit_s: float, threshold: float = 0.15) -> float:
+    """Wait (at most ``limit_s``) until other work leaves the CPUs idle; returns the busy share."""
+    deadline = time.monotonic() + limit_s
+    busy = cpu_busy()
+    while busy > threshold and time.monotonic() < deadline:
+        time.sleep(10)
+        busy = cpu_busy()
+    return busy
+
+
 # --- servers for the comparison ---------------------------------------------------------------
 
 
@@ -302,8 +332,8 @@ def compare(args: argparse.Namespace) -> dict:
         for name, knobs in variants.items():
             print(f"{name}: python -m serving ... {' '.join(knobs)}", flush=True)
         for round_ in range(1, args.rounds + 1):
-            load_avg = " ".join(f"{x:.2f}" for x in os.getloadavg())
-            print(f"--- round {round_}/{args.rounds} (load average {load_avg})", flush=True)
+            busy = wait_until_quiet(args.wait_quiet)
+            print(f"--- round {round_}/{args.rounds} (CPUs {busy:.0%} busy before it)", flush=True)
             for name, server in servers.items():
                 result = asyncio.run(
                     run_load(
@@ -387,6 +417,13 @@ def main(argv: list[str] | None = None) -> None:
     both.add_argument("--rounds", type=int, default=3)
     both.add_argument("--floor-duration", type=float, default=10.0)
     both.add_argument("--json", help="also write the full results here")
+    both.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="before each round, wait up to this long for other work to leave the CPUs idle",
+    )
     both.add_argument(
         "--variant",
         action="append",

@@ -170,6 +170,9 @@ def test_grpc_inference(server, texts, reference):
             as_raw = await client.infer(InferRequest(MODEL, [raw], request_id="g-2"))
             with pytest.raises(grpc.aio.AioRpcError) as bad:
                 await client.infer(InferRequest(MODEL, [InferInput("text", [1], "FP32", [1.0])]))
+            with pytest.raises(grpc.aio.AioRpcError) as unknown:
+                await client.infer(InferRequest("nope", [InferInput("text", [1], "BYTES", ["a"])]))
+            assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
             return as_list, as_raw, bad.value
         finally:
             await client.close()
