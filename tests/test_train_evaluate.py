@@ -19,7 +19,7 @@ from components.errors import DataError
 from components.evaluation import evaluate_model, summary_metrics
 from components.metrics import ClassificationReport, bootstrap_ci
 from components.tokenization import tokenize_dataset
-from components.training import MODEL_INFO_FILE, train_model
+from components.training import MODEL_INFO_FILE, LengthBucketSampler, train_model
 
 FAST = {"epochs": 2.0, "learning_rate": 1e-3, "batch_size": 16}
 
@@ -229,3 +229,24 @@ def test_evaluate_refuses_a_model_with_other_labels(trained_dir, tmp_path):
             results_path=str(tmp_path / "r.json"),
             report_path=str(tmp_path / "r.md"),
         )
+
+
+def test_length_buckets_cover_every_row_once_with_little_padding_and_no_length_trend():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 120, 3200).tolist()
+    sampler = LengthBucketSampler(lengths, batch_size=32, seed=1)
+    sampler.set_epoch(0)
+    order = list(sampler)
+    assert sorted(order) == list(range(3200))
+    assert list(sampler) == order  # the same epoch is the same order (what resuming relies on)
+    sampler.set_epoch(1)
+    assert list(sampler) != order
+    batches = [order[i : i + 32] for i in range(0, 3200, 32)]
+    padded = sum(32 * max(lengths[i] for i in batch) for batch in batches)
+    random_padded = sum(
+        32 * max(lengths[i] for i in batch) for batch in np.array_split(rng.permutation(3200), 100)
+    )
+    assert padded < 0.6 * random_padded
+    means = [np.mean([lengths[i] for i in batch]) for batch in batches]
+    trend = np.corrcoef(np.arange(len(means)), means)[0, 1]
+    assert abs(trend) < 0.3
