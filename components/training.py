@@ -37,19 +37,29 @@ def precision_flags() -> dict[str, bool]:
 
 
 class LengthBucketSampler:
-    """Batches of texts of similar length, the batches in random order.
+    """Batches of texts of similar length and a representative class mix, in random order.
 
-    Every epoch: shuffle, cut into mega-batches of ``mega`` batches, sort each by length, cut
-    into batches, shuffle the batches. Padding stays small (like `group_by_length`), but unlike
-    `transformers`' LengthGroupedSampler, which walks each mega-batch from its longest batch to
-    its shortest, the order of batches carries no length trend, and mega-batches of 8 batches
-    (not 50) keep each batch's class mix close to random: on the offline corpus both cost up to
-    7 points of macro-F1 on some seeds (docs/benchmarks.md). A partial batch goes last so
-    that batches stay aligned.
+    Every epoch: shuffle, cut into mega-batches of ``mega`` batches, sort each mega-batch by
+    each text's length quantile *within its own class*, cut into batches, shuffle the batches.
+    Padding stays small (like `group_by_length`), yet every batch holds about the mega-batch's
+    class mix: sorting by raw length would gather the short texts of one class together, and
+    on the offline corpus cost 1-2 points of macro-F1 against random order
+    (docs/benchmarks.md). Unlike `transformers`' LengthGroupedSampler, which walks each
+    mega-batch from its longest batch to its shortest, the order of batches carries no length
+    trend. Without ``labels`` it sorts by raw length. A partial batch goes last so that
+    batches stay aligned.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, mega: int = 8) -> None:
+    def __init__(
+        self,
+        lengths: list[int],
+        batch_size: int,
+        seed: int,
+        labels: list[int] | None = None,
+        mega: int = 8,
+    ) -> None:
         self.lengths, self.batch_size, self.seed, self.mega = lengths, batch_size, seed, mega
+        self.labels = labels if labels is not None else [0] * len(lengths)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -59,6 +69,18 @@ class LengthBucketSampler:
     def __len__(self) -> int:
         return len(self.lengths)
 
+    def _sorted(self, chunk: list[int]) -> list[int]:
+        """``chunk`` ordered by length quantile within each class (ties: shorter first)."""
+        by_class: dict[int, list[int]] = {}
+        for index in chunk:
+            by_class.setdefault(self.labels[index], []).append(index)
+        quantile = {}
+        for members in by_class.values():
+            members.sort(key=self.lengths.__getitem__)
+            for rank, index in enumerate(members):
+                quantile[index] = (rank + 0.5) / len(members)
+        return sorted(chunk, key=lambda i: (quantile[i], self.lengths[i]))
+
     def __iter__(self):
         import torch
 
@@ -67,7 +89,7 @@ class LengthBucketSampler:
         size, step = self.batch_size, self.batch_size * self.mega
         batches = []
         for start in range(0, len(order), step):
-            chunk = sorted(order[start : start + step], key=self.lengths.__getitem__)
+            chunk = self._sorted(order[start : start + step])
             batches += [chunk[i : i + size] for i in range(0, len(chunk), size)]
         full = [batch for batch in batches if len(batch) == size]
         partial = [batch for batch in batches if len(batch) < size]
@@ -87,8 +109,13 @@ def _trainer_class(group_by_length: bool):
     class BucketingTrainer(Trainer):
         def _get_train_sampler(self, train_dataset=None):
             # the `length` column (written by tokenize) is gone from the column-pruned copy
-            lengths = list(self.train_dataset["length"])
-            return LengthBucketSampler(lengths, self.args.train_batch_size, self.args.data_seed)
+            data = self.train_dataset
+            return LengthBucketSampler(
+                list(data["length"]),
+                self.args.train_batch_size,
+                self.args.data_seed,
+                labels=list(data["label"]) if "label" in data.column_names else None,
+            )
 
     return BucketingTrainer
 
@@ -120,6 +147,7 @@ def train_model(
     eval_batch_size: int = 128,
     weight_decay: float = 0.01,
     warmup_ratio: float = 0.06,
+    max_grad_norm: float = 1.0,
     early_stopping_patience: int = 2,
     max_steps: int = -1,
     seed: int = 42,
@@ -175,6 +203,7 @@ def train_model(
         per_device_eval_batch_size=eval_batch_size,
         weight_decay=weight_decay,
         warmup_steps=warmup_ratio,
+        max_grad_norm=max_grad_norm,
         eval_strategy="epoch",
         save_strategy="epoch",
         save_total_limit=2,
@@ -209,7 +238,15 @@ def train_model(
         "data": tokenize_info,
         "rows": data.num_rows,
         "base_model": [base_model, base_model_revision],
-        "hyperparameters": [epochs, max_steps, learning_rate, batch_size, weight_decay, seed],
+        "hyperparameters": [
+            epochs,
+            max_steps,
+            learning_rate,
+            batch_size,
+            weight_decay,
+            max_grad_norm,
+            seed,
+        ],
     }
     resume_from = _resumable_checkpoint(checkpoint_dir, run_key)
     if resume_from:
@@ -245,6 +282,7 @@ def train_model(
             "batch_size": batch_size,
             "weight_decay": weight_decay,
             "warmup_ratio": warmup_ratio,
+            "max_grad_norm": max_grad_norm,
             "early_stopping_patience": early_stopping_patience,
             "seed": seed,
         },
@@ -289,6 +327,7 @@ def train(
     eval_batch_size: int = 128,
     weight_decay: float = 0.01,
     warmup_ratio: float = 0.06,
+    max_grad_norm: float = 1.0,
     early_stopping_patience: int = 2,
     max_steps: int = -1,
     seed: int = 42,
@@ -306,6 +345,7 @@ def train(
         eval_batch_size: Evaluation batch size per device.
         weight_decay: AdamW weight decay.
         warmup_ratio: Share of the training steps used for linear warm-up.
+        max_grad_norm: Clip the gradient norm to this before each step; 0 for no clipping.
         early_stopping_patience: Epochs without validation macro-F1 gain before stopping; 0 off.
         max_steps: Stop after this many optimizer steps; -1 for no limit.
         seed: Seed for initialisation, shuffling and dropout.
@@ -329,6 +369,7 @@ def train(
         eval_batch_size=eval_batch_size,
         weight_decay=weight_decay,
         warmup_ratio=warmup_ratio,
+        max_grad_norm=max_grad_norm,
         early_stopping_patience=early_stopping_patience,
         max_steps=max_steps,
         seed=seed,

@@ -70,6 +70,7 @@ def _training_dag(download_retries: int):
         batch_size: int = 32,
         weight_decay: float = 0.01,
         warmup_ratio: float = 0.06,
+        max_grad_norm: float = 1.0,
         early_stopping_patience: int = 2,
         max_steps: int = -1,
         checkpoint_dir: str = "",
@@ -107,6 +108,7 @@ def _training_dag(download_retries: int):
             batch_size: Training batch size.
             weight_decay: AdamW weight decay.
             warmup_ratio: Share of steps for linear warm-up.
+            max_grad_norm: Gradient-norm clipping before each step; 0 for none.
             early_stopping_patience: Epochs without validation macro-F1 gain before stopping; 0 off.
             max_steps: Stop after this many optimizer steps; -1 for no limit.
             checkpoint_dir: Checkpoint folder (a mounted volume lets a restarted train step resume).
@@ -162,6 +164,7 @@ def _training_dag(download_retries: int):
             batch_size=batch_size,
             weight_decay=weight_decay,
             warmup_ratio=warmup_ratio,
+            max_grad_norm=max_grad_norm,
             early_stopping_patience=early_stopping_patience,
             max_steps=max_steps,
             seed=seed,

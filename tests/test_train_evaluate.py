@@ -250,3 +250,30 @@ def test_length_buckets_cover_every_row_once_with_little_padding_and_no_length_t
     means = [np.mean([lengths[i] for i in batch]) for batch in batches]
     trend = np.corrcoef(np.arange(len(means)), means)[0, 1]
     assert abs(trend) < 0.3
+
+
+def test_length_buckets_keep_each_batchs_class_mix_when_length_predicts_the_class():
+    # class 1's texts are all longer than class 0's: sorting by raw length would give batches
+    # of one class; sorting by length quantile within each class mixes them in every batch
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 3200).tolist()
+    lengths = [int(rng.integers(5, 40)) + 60 * label for label in labels]
+    order = list(LengthBucketSampler(lengths, batch_size=32, seed=1, labels=labels))
+    assert sorted(order) == list(range(3200))
+    batches = [order[i : i + 32] for i in range(0, 3200, 32)]
+    shares = [np.mean(labels_of) for labels_of in _batch_labels(order, labels)]
+    assert min(shares) > 0.25 and max(shares) < 0.75
+    within_class_spread = [
+        max(lengths[i] for i in batch if labels[i] == c)
+        - min(lengths[i] for i in batch if labels[i] == c)
+        for batch in batches
+        for c in (0, 1)
+    ]
+    assert np.mean(within_class_spread) < 10  # texts of a class still come in similar lengths
+    unlabelled = list(LengthBucketSampler(lengths, batch_size=32, seed=1))
+    raw_shares = [np.mean(labels_of) for labels_of in _batch_labels(unlabelled, labels)]
+    assert sum(share in (0.0, 1.0) for share in raw_shares) > 80  # raw-length sort separates them
+
+
+def _batch_labels(order: list[int], labels: list[int], size: int = 32) -> list[list[int]]:
+    return [[labels[i] for i in order[k : k + size]] for k in range(0, len(order), size)]
