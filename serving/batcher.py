@@ -137,7 +137,7 @@ class DynamicBatcher:
             await self._free.acquire()  # collect only when a worker can start on it
             held = True
             try:
-                batch = _Batch(await self._collect(loop))
+                batch = _Batch(await self._collect())
                 for job in await self._plan(loop, batch):
                     if not held:
                         await self._free.acquire()
@@ -175,15 +175,20 @@ class DynamicBatcher:
         finally:
             self._free.release()
 
-    async def _collect(self, loop: asyncio.AbstractEventLoop) -> list[_Pending]:
-        """Take one request (waiting for it), then more until full or the wait runs out."""
+    async def _collect(self) -> list[_Pending]:
+        """Take one request (waiting for it), then more until full or the wait runs out.
+
+        The wait counts from when the first request arrived, not from now: under load it has
+        already waited for a free worker, so its batch starts at once instead of idling the
+        worker for another ``max_batch_wait_s``.
+        """
         first = await self._next_live()
         batch = [first]
         size = len(first.texts)
-        deadline = loop.time() + self.max_batch_wait_s
+        deadline = first.enqueued + self.max_batch_wait_s
         while size < self.max_batch_size:
             if self._queue.empty():
-                remaining = deadline - loop.time()
+                remaining = deadline - time.perf_counter()
                 if remaining <= 0:
                     break
                 try:

@@ -12,7 +12,7 @@ _DEFAULTS = ServeOptions()
 #: (option, type, help) of the predictor knobs; defaults come from ServeOptions.
 _KNOBS: list[tuple[str, type, str]] = [
     ("max_batch_size", int, "Most texts coalesced into one batch; 1 turns batching off."),
-    ("max_batch_wait_ms", float, "Longest wait for more requests while a batch is not full."),
+    ("max_batch_wait_ms", float, "Longest a request waits, from its arrival, for company."),
     (
         "forward_workers",
         int,

@@ -7,6 +7,7 @@ import asyncio
 import json
 import shutil
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -187,6 +188,27 @@ def test_batcher_fails_callers_whose_texts_the_runner_did_not_plan():
         await batcher.close()
 
     asyncio.run(main())
+
+
+def test_batcher_does_not_hold_back_a_request_that_already_waited_for_a_worker():
+    release = threading.Event()
+    runner = _Runner(before_run=lambda job: job.texts == ["busy"] and release.wait(5))
+
+    async def main() -> float:
+        batcher = DynamicBatcher(runner, max_batch_size=4, max_batch_wait_s=1.0, workers=1)
+        busy = asyncio.ensure_future(batcher.submit(["busy"]))
+        await asyncio.sleep(1.2)  # "busy" waited its 1 s for company and is now running
+        late = asyncio.ensure_future(batcher.submit(["late"]))
+        await asyncio.sleep(1.2)  # "late" has waited longer than max_batch_wait_s already
+        release.set()
+        await busy
+        freed = time.perf_counter()
+        await late
+        await batcher.close()
+        return time.perf_counter() - freed
+
+    assert asyncio.run(main()) < 0.5  # not another full second of waiting for company
+    assert runner.batches == [["busy"], ["late"]]
 
 
 def test_batcher_skips_requests_whose_caller_gave_up():
