@@ -22,11 +22,11 @@ import torch
 from components.download import download_dataset
 from components.evaluation import evaluate_model
 from components.tokenization import tokenize_dataset
-from components.training import precision_flags, train_model
+from components.training import precision_flags, precision_name, train_model
 from fineserve.defaults import offline_base_model, offline_corpus_path
 
 TUTORIAL = "tutorial loop (padding=True, fp32 AdamW)"
-FINESERVE = f"fineserve train step ({'bf16' if precision_flags()['bf16'] else 'fp32'})"
+FINESERVE = f"fineserve train step ({precision_name(precision_flags())})"
 
 
 def tutorial_loop(raw_dir: str, out_dir: str, args: argparse.Namespace) -> dict:

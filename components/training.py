@@ -36,6 +36,11 @@ def precision_flags() -> dict[str, bool]:
     return {"bf16": bf16, "fp16": not bf16}
 
 
+def precision_name(flags: dict[str, bool]) -> str:
+    """The name (bf16, fp16 or fp32) of the `precision_flags` in use."""
+    return "bf16" if flags["bf16"] else "fp16" if flags["fp16"] else "fp32"
+
+
 class LengthBucketSampler:
     """Batches of texts of similar length and a representative class mix, in random order.
 
@@ -272,7 +277,7 @@ def train_model(
         "max_length": tokenize_info["max_length"],
         "labels": label_names,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "precision": "bf16" if flags["bf16"] else "fp16" if flags["fp16"] else "fp32",
+        "precision": precision_name(flags),
         "resumed_from": Path(resume_from).name if resume_from else None,
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "hyperparameters": {
