@@ -42,6 +42,12 @@ def _add_knobs(parser: argparse.ArgumentParser, sep: str) -> None:
     group.add_argument(
         "--dtype", choices=_DTYPES, default="auto", help="auto: bfloat16 on a GPU, else float32."
     )
+    group.add_argument(
+        "--unpad",
+        choices=("auto", "off"),
+        default="auto",
+        help="auto: Linear layers skip padding rows when a load-time check shows equal outputs.",
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> ServeOptions:

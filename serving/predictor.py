@@ -29,6 +29,7 @@ class ServeOptions:
     max_request_bytes: int = 1 << 20
     device: str = "auto"
     dtype: str = "auto"
+    unpad: str = "auto"  # auto: Linear layers skip padding rows if a load-time check agrees
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_texts_per_request"):
@@ -39,6 +40,8 @@ class ServeOptions:
                 raise ValueError(f"{name} must not be negative")
         if self.max_batch_wait_ms < 0:
             raise ValueError("max_batch_wait_ms must not be negative")
+        if self.unpad not in ("auto", "off"):
+            raise ValueError(f"unpad must be auto or off, not {self.unpad!r}")
         if self.max_request_bytes < 1024:
             raise ValueError("max_request_bytes must be at least 1024")
 
@@ -65,6 +68,7 @@ class TextClassifierModel(Model):
             max_batch_size=opts.max_batch_size,
             max_batch_tokens=opts.max_batch_tokens,
             threads=threads,
+            unpad=opts.unpad,
         )
         self.classifier.predict_proba(["warm-up"])
         gc.collect()
@@ -81,7 +85,7 @@ class TextClassifierModel(Model):
         )
         logger.info(
             "loaded %s (version %s, %d labels, max_length %d) on %s/%s; batches of up to %d "
-            "texts (%d padded tokens), %d forward worker(s) x %d thread(s)",
+            "texts (%d padded tokens), %d forward worker(s) x %d thread(s), padding rows %s",
             self.model_dir,
             self.classifier.model_version,
             self.classifier.num_labels,
@@ -92,6 +96,7 @@ class TextClassifierModel(Model):
             self.classifier.max_batch_tokens,
             workers,
             torch.get_num_threads(),
+            "padded" if self.classifier.unpadded is None else "skipped in Linear layers",
         )
         self.ready = True
         return self.ready

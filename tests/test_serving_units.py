@@ -18,6 +18,7 @@ from serving.batcher import DynamicBatcher
 from serving.cli import add_serve_arguments, build_parser, default_model_name, options_from_args
 from serving.engine import ModelDirError, TextClassifier, plan_chunks, read_model_version
 from serving.model_uri import find_hf_dir, resolve_model_dir
+from serving.unpad import UnpaddedLinears
 
 
 @pytest.fixture(scope="module")
@@ -273,6 +274,80 @@ def test_inference_matches_plain_transformers(tiny_classifier, classifier, corpu
     np.testing.assert_allclose(classifier.predict_proba(texts), expected, atol=1e-5)
 
 
+def _padded_batch(classifier: TextClassifier, texts: list[str]) -> dict[str, torch.Tensor]:
+    return classifier.tokenizer(texts, padding=True, return_tensors="pt")
+
+
+def test_unpadded_linears_multiply_real_tokens_only_and_keep_the_outputs(
+    tiny_classifier, monkeypatch
+):
+    plain = TextClassifier(tiny_classifier, device="cpu", unpad="off")
+    assert plain.unpadded is None
+    texts = ["good", "a much longer text that needs padding on the others", "fine then"]
+    batch = _padded_batch(plain, texts)
+    with torch.inference_mode():
+        expected = plain.model(**batch).logits
+    unpadded = UnpaddedLinears(plain.model)
+    rows: list[int] = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(
+        torch.nn.functional, "linear", lambda x, *a: rows.append(x.shape[0]) or linear(x, *a)
+    )
+    with torch.inference_mode(), unpadded.tokens(batch["attention_mask"], plain.device):
+        got = plain.model(**batch).logits
+    real_tokens = int(batch["attention_mask"].sum())
+    assert real_tokens < batch["attention_mask"].numel()  # the batch does have padding
+    per_token = [n for n in rows if n != len(texts)]  # the pooler and head see one row per text
+    assert per_token and set(per_token) == {real_tokens}
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    unpadded.remove()
+    assert all("forward" not in vars(m) for m in plain.model.modules())
+
+
+def test_unpadded_linears_keep_each_threads_mask_apart(tiny_classifier):
+    classifier = TextClassifier(tiny_classifier, device="cpu", unpad="off")
+    unpadded = UnpaddedLinears(classifier.model)
+    # same shape, different padding: a mask shared between threads would mix them up
+    batches = [
+        _padded_batch(classifier, ["one two three four five six", "x"]),
+        _padded_batch(classifier, ["x", "one two three four five six"]),
+    ]
+    with torch.inference_mode():
+        expected = [classifier.model(**b).logits for b in batches]
+    start = threading.Barrier(2)
+
+    def run(i: int) -> list[torch.Tensor]:
+        start.wait()
+        out = []
+        for _ in range(30):
+            with torch.inference_mode(), unpadded.tokens(batches[i]["attention_mask"], "cpu"):
+                out.append(classifier.model(**batches[i]).logits)
+        return out
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(run, [0, 1]))
+    for i, outs in enumerate(results):
+        for got in outs:
+            torch.testing.assert_close(got, expected[i], atol=1e-6, rtol=0)
+
+
+def test_classifier_runs_padded_passes_when_unpadding_changes_outputs(
+    tiny_classifier, monkeypatch, caplog
+):
+    from serving import engine
+
+    monkeypatch.setitem(engine._UNPAD_TOLERANCE, torch.float32, -1.0)  # any drift is too much
+    classifier = TextClassifier(tiny_classifier, device="cpu")
+    assert classifier.unpadded is None
+    assert "running padded passes" in caplog.text
+    assert all("forward" not in vars(m) for m in classifier.model.modules())
+    assert TextClassifier(tiny_classifier, device="cpu").unpadded is None
+    monkeypatch.undo()
+    assert TextClassifier(tiny_classifier, device="cpu").unpadded is not None
+
+
 def test_long_texts_are_truncated_to_the_tokenizer_max_length(classifier):
     assert classifier.max_length == 64  # the fixture's tokenizer model_max_length
     head = " ".join(["good"] * 100)
@@ -379,3 +454,7 @@ def test_bad_knobs_are_rejected():
     add_serve_arguments(parser)
     with pytest.raises(ValueError, match="max_batch_size"):
         options_from_args(parser.parse_args(["--model-dir", "x", "--max-batch-size", "0"]))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model-dir", "x", "--unpad", "sometimes"])
+    args = parser.parse_args(["--model-dir", "x", "--unpad", "off"])
+    assert options_from_args(args).unpad == "off"

@@ -1,0 +1,70 @@
+"""Run a padded batch's per-token Linear layers on its real tokens only.
+
+In a padded batch of texts of different lengths, every Linear layer of a transformer encoder
+(attention projections, feed-forward) also multiplies the padding rows, whose results the
+attention mask then throws away. Those layers are ~80% of a small encoder's CPU time, so on
+sorted chunks of tweets (~1.35 padded tokens per real token) that is ~20% of the work spent
+on padding. Here each Linear gathers the real tokens' rows, multiplies them, and scatters the
+result back into the padded layout (padding rows get zeros), so attention, layer norms and
+the model's own code see the shapes they expect. Pads only ever meet real tokens through the
+masked attention, so real tokens' outputs do not change (bit for bit on CPU here); a
+load-time check against the plain forward pass guards models where that does not hold.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class UnpaddedLinears:
+    """Patches every ``nn.Linear`` of ``model`` to skip padding rows inside `tokens`.
+
+    Thread-safe: each thread's forward pass uses its own mask. Outside `tokens`, and for any
+    input that is not a [batch, length, features] tensor of the current batch's shape (a
+    classifier head on pooled [batch, features], say), the layers run unchanged.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._local = threading.local()
+        self.linears = [m for m in model.modules() if type(m) is nn.Linear]
+        for linear in self.linears:
+            linear.forward = self._forward_of(linear)
+
+    def remove(self) -> None:
+        """Give every patched layer back its own forward."""
+        for linear in self.linears:
+            del linear.forward
+
+    @contextmanager
+    def tokens(self, attention_mask: torch.Tensor, device: torch.device) -> Iterator[None]:
+        """Within this block, Linear layers see only the tokens where ``attention_mask`` is 1."""
+        rows = None
+        if not bool(attention_mask.all()):  # nothing to skip in a batch without padding
+            flat = attention_mask.reshape(-1).nonzero().squeeze(1)  # on the CPU: no GPU sync
+            rows = (tuple(attention_mask.shape), flat.to(device))
+        self._local.rows = rows
+        try:
+            yield
+        finally:
+            self._local.rows = None
+
+    def _forward_of(self, linear: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
+        local = self._local
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            rows = getattr(local, "rows", None)
+            if rows is None or x.dim() != 3 or tuple(x.shape[:2]) != rows[0]:
+                return F.linear(x, linear.weight, linear.bias)
+            (batch, length), index = rows
+            rows_in = x.reshape(batch * length, -1).index_select(0, index)
+            real = F.linear(rows_in, linear.weight, linear.bias)
+            out = real.new_zeros(batch * length, real.shape[-1])
+            return out.index_copy_(0, index, real).view(batch, length, -1)
+
+        return forward
