@@ -15,7 +15,9 @@ from kserve.errors import InferenceError, InvalidInput
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.infer_type import InferRequest
 from kserve.protocol.rest.v2_datamodels import InferenceRequest
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -38,16 +40,40 @@ async def validation_error_handler(_: Request, exc: RequestValidationError) -> J
     return _error(400, "invalid inference request: " + "; ".join(problems))
 
 
+def _too_large(max_request_bytes: int) -> JSONResponse:
+    return _error(
+        413,
+        f"request body is larger than the limit of {max_request_bytes} bytes "
+        "(--max_request_bytes); send fewer or shorter texts per request",
+    )
+
+
+class DeclaredSizeGuard:
+    """Answers a request whose Content-Length is over the limit with the 413 that names it.
+
+    Starlette's body limiter replaces any answer to such a request with a plain "Content Too
+    Large", so this check has to run outside it, before the body is read.
+    """
+
+    def __init__(self, app: ASGIApp, max_request_bytes: int) -> None:
+        self.app = app
+        self.max_request_bytes = max_request_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            declared = Headers(scope=scope).get("content-length", "")
+            if declared.isdigit() and int(declared) > self.max_request_bytes:
+                await _too_large(self.max_request_bytes)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def http_error_handler(max_request_bytes: int) -> Callable[[Request, HTTPException], Any]:
     """FastAPI's HTTP errors, with the body-limit 413 and unparseable-body 400 made specific."""
 
     async def handle(request: Request, exc: HTTPException) -> Response:
-        if exc.status_code == 413:
-            return _error(
-                413,
-                f"request body is larger than the limit of {max_request_bytes} bytes "
-                "(--max_request_bytes); send fewer or shorter texts per request",
-            )
+        if exc.status_code == 413:  # a body over the limit that declared no Content-Length
+            return _too_large(max_request_bytes)
         cause = exc.__cause__
         if exc.status_code == 400 and isinstance(cause, UnicodeDecodeError):
             return _error(
@@ -65,6 +91,8 @@ def install_http_guards(app: FastAPI, max_request_bytes: int) -> None:
     if not hasattr(app, "max_body_size"):
         raise RuntimeError("this FastAPI has no request body limit (max_body_size); upgrade it")
     app.max_body_size = max_request_bytes  # read when the middleware stack is built
+    build_stack = app.build_middleware_stack  # user middleware would run inside the limiter
+    app.build_middleware_stack = lambda: DeclaredSizeGuard(build_stack(), max_request_bytes)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(HTTPException, http_error_handler(max_request_bytes))
 
