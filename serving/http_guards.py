@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -11,7 +12,8 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from kserve.constants.constants import INFERENCE_CONTENT_LENGTH_HEADER
-from kserve.errors import InferenceError, InvalidInput
+from kserve.errors import InferenceError, InvalidInput, ModelNotFound
+from kserve.logging import KSERVE_LOGGER_NAME
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.infer_type import InferRequest
 from kserve.protocol.rest.v2_datamodels import InferenceRequest
@@ -116,3 +118,31 @@ class GuardedDataPlane(DataPlane):
         except (InferenceError, KeyError, TypeError, ValueError, struct.error) as exc:
             reason = exc.reason if isinstance(exc, InferenceError) else repr(exc)
             raise InvalidInput(f"malformed binary inference request: {reason}") from exc
+
+
+class ClientErrorsAsWarnings(logging.Filter):
+    """KServe logs each 400/404 it answers as an ERROR with a traceback; make it one WARNING.
+
+    A caller's bad request is not a server fault: it should not page anyone or bury real
+    errors under tracebacks. Other exceptions keep KServe's ERROR and traceback.
+    """
+
+    CLIENT_ERRORS = (InvalidInput, ModelNotFound)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, self.CLIENT_ERRORS):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = (
+                "client error, answered 4xx: %s: %s",
+                (type(exc).__name__, exc),
+            )
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_client_errors() -> None:
+    """Log KServe's answers to bad requests as one WARNING line each (idempotent)."""
+    kserve_logger = logging.getLogger(KSERVE_LOGGER_NAME)
+    if not any(isinstance(f, ClientErrorsAsWarnings) for f in kserve_logger.filters):
+        kserve_logger.addFilter(ClientErrorsAsWarnings())

@@ -8,7 +8,7 @@ from typing import Any
 from kserve import ModelServer
 from kserve import model_server as kserve_model_server
 
-from serving.http_guards import GuardedDataPlane, install_http_guards
+from serving.http_guards import GuardedDataPlane, install_http_guards, quiet_client_errors
 from serving.predictor import ServeOptions, TextClassifierModel
 
 
@@ -24,6 +24,7 @@ class FineserveModelServer(ModelServer):
         super().__init__(**kwargs)
         self.dataplane = GuardedDataPlane(model_registry=self.registered_models)
         install_http_guards(kserve_model_server.app, max_request_bytes)
+        quiet_client_errors()
 
 
 def serve(

@@ -356,6 +356,18 @@ BAD_REQUESTS = {
 }
 
 
+def test_bad_requests_are_logged_as_one_warning_line_without_traceback(http, server):
+    marker = "no-such-model-1f3a"
+    assert http.post(f"/v2/models/{marker}/infer", json=_GOOD).status_code == 404
+    bad_datatype = {"inputs": [{**_GOOD["inputs"][0], "datatype": "FP16"}], "id": marker}
+    assert http.post(_INFER, json=bad_datatype).status_code == 400
+    lines = server.log().splitlines()
+    logged = [i for i, line in enumerate(lines) if "client error, answered 4xx" in line]
+    assert any(marker in lines[i] and "WARNING" in lines[i] for i in logged), server.log()[-2000:]
+    assert any("FP16" in lines[i] for i in logged), server.log()[-2000:]
+    assert not any(lines[i + 1 : i + 2] == ["Traceback (most recent call last):"] for i in logged)
+
+
 @pytest.mark.parametrize("case", list(BAD_REQUESTS))
 def test_bad_input_gets_a_4xx_naming_the_problem(http, server, case):
     path, kwargs, status, message = BAD_REQUESTS[case]
