@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -13,6 +14,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# kserve.model_server parses sys.argv when first imported, where pytest's own options (`--co`
+# reads as its `--configure_logging`) make it exit: import it once with a bare argv
+_pytest_argv, sys.argv = sys.argv, sys.argv[:1]
+try:
+    import kserve.model_server  # noqa: F401
+finally:
+    sys.argv = _pytest_argv
 
 LABELS = ["negative", "neutral", "positive"]
 
