@@ -130,22 +130,25 @@ def default_model_name(model_uri: str | None) -> str:
 
 def run_serve(args: argparse.Namespace) -> None:
     """Resolve the model (downloading a --model-uri through MLflow), then serve it."""
-    from serving.model_uri import find_hf_dir, resolve_model_dir
+    from serving.model_uri import find_hf_dir, pin_registry_version, resolve_model_dir
     from serving.server import serve
 
     options = options_from_args(args)  # fail on bad knobs before any download
+    version = None
     if args.model_uri:
         if args.tracking_uri:
             import mlflow
 
             mlflow.set_tracking_uri(args.tracking_uri)
-        model_dir = resolve_model_dir(args.model_uri)
+        uri, version = pin_registry_version(args.model_uri)
+        model_dir = resolve_model_dir(uri)
     else:
         model_dir = find_hf_dir(Path(args.model_dir))
     serve(
         model_dir,
         model_name=args.model_name or default_model_name(args.model_uri),
         options=options,
+        model_version=version,
         http_port=args.http_port,
         grpc_port=args.grpc_port,
     )

@@ -157,6 +157,7 @@ class TextClassifier:
         max_batch_tokens: int = 0,
         threads: int = 0,
         unpad: str = "auto",
+        model_version: str | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
         if not (self.model_dir / "config.json").is_file():
@@ -181,7 +182,7 @@ class TextClassifier:
             raise ModelDirError(f"{self.model_dir}/config.json id2label does not cover every class")
         self.labels: list[str] = [id2label[i] for i in range(len(id2label))]
         self.max_length = self._max_length()
-        self.model_version = read_model_version(self.model_dir)
+        self.model_version = model_version or read_model_version(self.model_dir)
         # a fast tokenizer resets its truncation state on every call and is not safe to call
         # from two threads at once ("Already borrowed"); forward passes are
         self._tokenizer_lock = threading.Lock()

@@ -39,6 +39,25 @@ def find_hf_dir(root: str | Path) -> Path:
     )
 
 
+def pin_registry_version(uri: str) -> tuple[str, str | None]:
+    """Pin a registry URI (``models:/NAME@ALIAS``, ``/VERSION``, ``/STAGE``) to its version.
+
+    Returns ``models:/NAME/VERSION`` and the version, so that the version downloaded and the
+    version reported are the same even if the alias moves meanwhile. Any other URI comes back
+    unchanged, with version None.
+    """
+    if not uri.startswith("models:/"):
+        return uri, None
+    from mlflow import MlflowClient
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+    resolved = get_model_name_and_version(MlflowClient(), uri)
+    if len(resolved) != 2:  # models:/<logged model id>: not a registry version
+        return uri, None
+    name, version = resolved
+    return f"models:/{name}/{version}", str(version)
+
+
 def resolve_model_dir(uri: str, dst: str | None = None) -> Path:
     """Download ``uri`` with MLflow (unless it is a local directory) and return the HF dir in it.
 

@@ -49,10 +49,17 @@ class ServeOptions:
 class TextClassifierModel(Model):
     """Serves a fineserve HF directory over v1 (`:predict`) and v2 (REST and gRPC)."""
 
-    def __init__(self, name: str, model_dir: str | Path, options: ServeOptions) -> None:
+    def __init__(
+        self,
+        name: str,
+        model_dir: str | Path,
+        options: ServeOptions,
+        model_version: str | None = None,
+    ) -> None:
         super().__init__(name)
         self.model_dir = Path(model_dir)
         self.options = options
+        self.model_version = model_version  # None: from fineserve.json or the environment
         self.classifier: TextClassifier | None = None
         self.batcher: DynamicBatcher | None = None
         self.metrics: ModelMetrics | None = None
@@ -69,6 +76,7 @@ class TextClassifierModel(Model):
             max_batch_tokens=opts.max_batch_tokens,
             threads=threads,
             unpad=opts.unpad,
+            model_version=self.model_version,
         )
         self.classifier.predict_proba(["warm-up"])
         gc.collect()

@@ -32,10 +32,11 @@ def serve(
     *,
     model_name: str,
     options: ServeOptions,
+    model_version: str | None = None,
     **server_kwargs: Any,
 ) -> None:
     """Load the model, then serve it until SIGTERM/SIGINT (``server_kwargs`` go to ModelServer)."""
-    model = TextClassifierModel(model_name, model_dir, options)
+    model = TextClassifierModel(model_name, model_dir, options, model_version)
     model.load()
     server = FineserveModelServer(max_request_bytes=options.max_request_bytes, **server_kwargs)
     server.start([model])

@@ -9,7 +9,7 @@ import pytest
 from serving_helpers import ServerProcess, v2_body
 
 from serving.engine import TextClassifier
-from serving.model_uri import resolve_model_dir
+from serving.model_uri import pin_registry_version, resolve_model_dir
 
 NAME = "fineserve-tiny"
 
@@ -72,6 +72,16 @@ def test_resolve_into_a_chosen_directory(registered_model, tmp_path):
     assert (hf_dir / "config.json").is_file()
 
 
+def test_registry_uris_are_pinned_to_the_version_they_name(registered_model, tmp_path):
+    assert pin_registry_version(f"models:/{NAME}@champion") == (f"models:/{NAME}/1", "1")
+    assert pin_registry_version(f"models:/{NAME}/1") == (f"models:/{NAME}/1", "1")
+    run_uri = f"runs:/{registered_model['run_id']}/model"
+    assert pin_registry_version(run_uri) == (run_uri, None)
+    assert pin_registry_version(str(tmp_path)) == (str(tmp_path), None)
+    with pytest.raises(Exception, match="nope"):
+        pin_registry_version(f"models:/{NAME}@nope")
+
+
 def test_resolve_unknown_alias_fails(registered_model):
     with pytest.raises(Exception, match="nope"):
         resolve_model_dir(f"models:/{NAME}@nope")
@@ -112,6 +122,10 @@ def test_fineserve_serve_model_uri(registered_model, tiny_classifier, tmp_path, 
         )
         assert response.status_code == 200, response.text
         outputs = {o["name"]: o for o in response.json()["outputs"]}
+        assert response.json()["model_version"] == "1"  # the version @champion points at
+        metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
+        info = f'fineserve_model_info{{device="cpu",model_name="{NAME}",model_version="1"}} 1.0'
+        assert info in metrics
     expected = TextClassifier(tiny_classifier, device="cpu").predict_proba(["a fine day"])[0]
     assert outputs["probabilities"]["data"] == pytest.approx(expected.tolist(), abs=1e-5)
     assert outputs["label"]["data"] == [expected_label(expected)]
