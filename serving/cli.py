@@ -6,6 +6,7 @@ import argparse
 from dataclasses import fields
 from pathlib import Path
 
+from serving.engine import UNPAD_MODES
 from serving.predictor import ServeOptions
 
 _DEFAULTS = ServeOptions()
@@ -44,7 +45,7 @@ def _add_knobs(parser: argparse.ArgumentParser, sep: str) -> None:
     )
     group.add_argument(
         "--unpad",
-        choices=("auto", "off"),
+        choices=UNPAD_MODES,
         default="auto",
         help="auto: Linear layers skip padding rows when a load-time check shows equal outputs.",
     )

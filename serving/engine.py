@@ -20,6 +20,8 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: Tokenizers without a limit report this sentinel (int(1e30)) as model_max_length.
 _NO_LIMIT = 10**9
+#: --unpad: auto skips padding rows in Linear layers when a load-time check agrees.
+UNPAD_MODES = ("auto", "off")
 #: How far skipping padding may move a probability before it is turned off, per dtype.
 _UNPAD_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
 
@@ -186,30 +188,30 @@ class TextClassifier:
         # a fast tokenizer resets its truncation state on every call and is not safe to call
         # from two threads at once ("Already borrowed"); forward passes are
         self._tokenizer_lock = threading.Lock()
-        if unpad not in ("auto", "off"):
-            raise ValueError(f"unknown unpad mode {unpad!r}; choose auto or off")
+        if unpad not in UNPAD_MODES:
+            raise ValueError(f"unknown unpad mode {unpad!r}; choose one of {UNPAD_MODES}")
         self.unpadded: UnpaddedLinears | None = None
         if unpad == "auto":
-            self.unpadded = self._checked_unpadding()
+            self._skip_padding_if_outputs_agree()
 
-    def _checked_unpadding(self) -> UnpaddedLinears | None:
-        """Skip padding in Linear layers if a probe batch's outputs stay the same, else None."""
+    def _skip_padding_if_outputs_agree(self) -> None:
+        """Skip padding in Linear layers unless that changes a probe batch's probabilities."""
         words = self.token_ids(["the quick brown fox jumps over the lazy dog " * 4])[0][1:-1]
-        first, last = self.token_ids([""])[0][:1], self.token_ids([""])[0][1:]
+        specials = self.token_ids([""])[0]  # e.g. [CLS] [SEP]
+        first, last = specials[:1], specials[1:]
         probe = [first + words[:n] + last for n in (1, 5, 17, 30)]  # lengths 3-32: padded
         plain = self._forward(probe)
-        unpadded = UnpaddedLinears(self.model)
-        self.unpadded = unpadded
+        self.unpadded = UnpaddedLinears(self.model)
         drift = float(np.abs(self._forward(probe) - plain).max())
         if drift <= _UNPAD_TOLERANCE[self.dtype]:
-            return unpadded
-        unpadded.remove()
+            return
+        self.unpadded.remove()
+        self.unpadded = None
         logger.warning(
             "%s: skipping padding moved probabilities by %.2g; running padded passes",
             self.model_dir,
             drift,
         )
-        return None
 
     def _max_length(self) -> int:
         limit = self.tokenizer.model_max_length

@@ -13,7 +13,7 @@ from kserve.protocol.infer_type import InferRequest, InferResponse
 
 from serving import protocol
 from serving.batcher import DynamicBatcher
-from serving.engine import TextClassifier, pick_device, plan_workers
+from serving.engine import UNPAD_MODES, TextClassifier, pick_device, plan_workers
 from serving.metrics import ModelMetrics
 
 
@@ -40,8 +40,8 @@ class ServeOptions:
                 raise ValueError(f"{name} must not be negative")
         if self.max_batch_wait_ms < 0:
             raise ValueError("max_batch_wait_ms must not be negative")
-        if self.unpad not in ("auto", "off"):
-            raise ValueError(f"unpad must be auto or off, not {self.unpad!r}")
+        if self.unpad not in UNPAD_MODES:
+            raise ValueError(f"unpad must be one of {UNPAD_MODES}, not {self.unpad!r}")
         if self.max_request_bytes < 1024:
             raise ValueError("max_request_bytes must be at least 1024")
 
