@@ -62,7 +62,7 @@ COPY components ./components
 COPY pipelines ./pipelines
 COPY serving ./serving
 RUN pip install --no-cache-dir --no-deps . \
-    && python3 -c "import fineserve, components, pipelines, serving"
+    && python3 -c "import fineserve.components, fineserve.pipelines, fineserve.serving"
 
 
 FROM ${BASE_IMAGE} AS runtime
@@ -107,5 +107,5 @@ EXPOSE 8080 8081
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/v2/health/live', timeout=4)"]
 
-ENTRYPOINT ["python", "-m", "serving"]
+ENTRYPOINT ["python", "-m", "fineserve.serving"]
 CMD ["--model_name=fineserve", "--model_dir=/mnt/models"]

@@ -45,7 +45,7 @@ def corpus_texts(n: int = 2000, seed: int = 0) -> list[str]:
     """``n`` tweet-length texts from the offline corpus (a Latin-1 CSV), in a fixed order."""
     import pandas as pd
 
-    from fineserve.defaults import offline_corpus_path
+    from fineserve.core.defaults import offline_corpus_path
 
     frame = pd.read_csv(offline_corpus_path(), encoding="latin-1")
     return frame["text"].sample(n=min(n, len(frame)), random_state=seed).tolist()
@@ -55,7 +55,7 @@ def minilm_classifier(out_dir: Path) -> Path:
     """Offline all-MiniLM-L6-v2 with a (random) 3-label head, saved to ``out_dir``."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from fineserve.defaults import offline_base_model
+    from fineserve.core.defaults import offline_base_model
 
     if (out_dir / "config.json").is_file():
         return out_dir
@@ -267,7 +267,7 @@ def _free_port() -> int:
 
 
 class Server:
-    """`python -m serving` as a subprocess on free local ports."""
+    """`python -m fineserve.serving` as a subprocess on free local ports."""
 
     def __init__(self, model_dir: Path, name: str, knobs: list[str], log: Path) -> None:
         self.port = _free_port()
@@ -276,7 +276,7 @@ class Server:
         self.argv = [
             sys.executable,
             "-m",
-            "serving",
+            "fineserve.serving",
             "--model_name",
             name,
             "--model_dir",
@@ -361,7 +361,7 @@ def compare(args: argparse.Namespace) -> dict:
             for i, (name, knobs) in enumerate(variants.items())
         }
         for name, knobs in variants.items():
-            print(f"{name}: python -m serving ... {' '.join(knobs)}", flush=True)
+            print(f"{name}: python -m fineserve.serving ... {' '.join(knobs)}", flush=True)
         ours = [os.getpid(), *(server.proc.pid for server in servers.values())]
         others: dict[str, list[float]] = {name: [] for name in [*variants, *floor]}
 
@@ -498,7 +498,7 @@ def main(argv: list[str] | None = None) -> None:
         "--server-arg",
         action="append",
         default=[],
-        help="extra `python -m serving` option for both servers (repeatable)",
+        help="extra `python -m fineserve.serving` option for both servers (repeatable)",
     )
     for p in (load, both):
         p.add_argument("--concurrency", type=int, default=32)

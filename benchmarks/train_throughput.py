@@ -11,7 +11,6 @@ fp32 AdamW loop with a linear schedule.
 """
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -19,11 +18,13 @@ from pathlib import Path
 
 import torch
 
-from components.download import download_dataset
-from components.evaluation import evaluate_model
-from components.tokenization import tokenize_dataset
-from components.training import precision_flags, precision_name, train_model
-from fineserve.defaults import offline_base_model, offline_corpus_path
+from fineserve.components.decorator import call_component
+from fineserve.components.download import download
+from fineserve.components.evaluation import evaluate
+from fineserve.components.tokenization import tokenize
+from fineserve.components.training import precision_flags, precision_name, train
+from fineserve.core.artifacts import read_evaluation_results, read_token_stats
+from fineserve.core.defaults import offline_base_model, offline_corpus_path
 
 TUTORIAL = "tutorial loop (padding=True, fp32 AdamW)"
 FINESERVE = f"fineserve train step ({precision_name(precision_flags())})"
@@ -86,19 +87,28 @@ def tutorial_loop(raw_dir: str, out_dir: str, args: argparse.Namespace) -> dict:
 
 def fineserve_train(raw_dir: str, work: Path, args: argparse.Namespace) -> dict:
     """The train step as the pipeline runs it (Trainer time includes its validation pass)."""
-    tokenize_dataset(
-        raw_dir, str(work / "tok"), base_model=args.base_model, max_length=args.max_length
-    )
-    metrics = train_model(
-        str(work / "tok"),
-        str(work / "fineserve"),
+    call_component(
+        tokenize,
+        dataset=raw_dir,
+        tokenized=work / "tok",
         base_model=args.base_model,
-        epochs=args.epochs,
-        learning_rate=args.learning_rate,
-        batch_size=args.batch_size,
-        max_grad_norm=args.max_grad_norm,
-        early_stopping_patience=0,
-        seed=args.seed,
+        max_length=args.max_length,
+    )
+    metrics = (
+        call_component(
+            train,
+            tokenized=work / "tok",
+            model=work / "fineserve",
+            base_model=args.base_model,
+            epochs=args.epochs,
+            learning_rate=args.learning_rate,
+            batch_size=args.batch_size,
+            max_grad_norm=args.max_grad_norm,
+            early_stopping_patience=0,
+            seed=args.seed,
+        )
+        .artifacts["model"]
+        .metadata
     )
     return {
         "samples_per_s": metrics["train_samples_per_second"],
@@ -118,9 +128,10 @@ def run_once(args: argparse.Namespace, seed: int) -> tuple[dict, dict]:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         raw = str(work / "raw")
-        download_dataset(
-            offline_corpus_path(),
-            raw,
+        call_component(
+            download,
+            dataset=raw,
+            source=offline_corpus_path(),
             encoding="latin-1",
             label_column="sentiment",
             max_train_samples=args.train_rows,
@@ -132,16 +143,18 @@ def run_once(args: argparse.Namespace, seed: int) -> tuple[dict, dict]:
             FINESERVE: fineserve_train(raw, work, args),
         }
         for name, folder in zip(results, ("tutorial", "fineserve"), strict=True):
-            scores = evaluate_model(
-                raw,
-                str(work / folder),
-                results_path=str(work / f"{folder}.json"),
-                report_path=str(work / f"{folder}.md"),
+            call_component(
+                evaluate,
+                dataset=raw,
+                model=work / folder,
+                results=work / f"{folder}.json",
+                report=work / f"{folder}.md",
                 baseline=False,
                 n_bootstrap=200,
-            )["model"]
+            )
+            scores = read_evaluation_results(work / f"{folder}.json")["model"]
             results[name].update(accuracy=scores["accuracy"], macro_f1=scores["macro_f1"])
-        stats = json.loads((work / "tok" / "token_stats.json").read_text())
+        stats = read_token_stats(work / "tok")
     padded = results[TUTORIAL]["padded_tokens"] / args.train_rows / args.epochs
     print(
         f"seed {seed}: "

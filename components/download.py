@@ -15,14 +15,18 @@ from typing import Any
 import pandas as pd
 from kfp.dsl import Dataset, Output
 
-from components.errors import DataError
-from components.kfp_wrapper import component
+from fineserve.components.decorator import component
+from fineserve.core.artifacts import (
+    LABEL_COLUMN,
+    SPLITS,
+    TEXT_COLUMN,
+    DatasetMetadata,
+    write_dataset_metadata,
+)
+from fineserve.core.errors import DataError
 
 log = logging.getLogger(__name__)
 
-TEXT, LABEL = "text", "label"
-SPLITS = ("train", "validation", "test")
-METADATA_FILE = "metadata.json"
 _READERS = {"csv": "csv", "tsv": "tsv", "jsonl": "jsonl", "json": "jsonl", "parquet": "parquet"}
 _URL_SCHEMES = ("http://", "https://", "s3://", "gs://", "gcs://", "abfs://", "hf://", "file://")
 
@@ -125,10 +129,10 @@ def _check_columns(frames: dict[str, pd.DataFrame], text_column: str, label_colu
 
 def _clean(frame: pd.DataFrame, split: str, drop_invalid_rows: bool) -> tuple[pd.DataFrame, dict]:
     """Find rows with a null/empty text or a null label: fail, or drop them and say so."""
-    text = frame[TEXT]
+    text = frame[TEXT_COLUMN]
     problems = {
         "null or empty text": text.isna() | (text.astype(str).str.strip() == ""),
-        "null label": frame[LABEL].isna(),
+        "null label": frame[LABEL_COLUMN].isna(),
     }
     counts = {why: int(mask.sum()) for why, mask in problems.items() if mask.any()}
     if not counts:
@@ -145,32 +149,32 @@ def _clean(frame: pd.DataFrame, split: str, drop_invalid_rows: bool) -> tuple[pd
     return frame[~bad].reset_index(drop=True), counts
 
 
-def _encode_labels(frames: dict[str, pd.DataFrame], features: Any) -> list[str]:
+def encode_labels(frames: dict[str, pd.DataFrame], features: Any) -> list[str]:
     """Turn labels into ids 0..C-1 in place and return the names (id2label)."""
     import datasets
 
-    train = frames["train"][LABEL]
-    feature = features.get(LABEL) if features is not None else None
+    train = frames["train"][LABEL_COLUMN]
+    feature = features.get(LABEL_COLUMN) if features is not None else None
     if isinstance(feature, datasets.ClassLabel):
         names = list(feature.names)
         for split, frame in frames.items():
-            outside = sorted(set(frame[LABEL].astype(int)) - set(range(len(names))))
+            outside = sorted(set(frame[LABEL_COLUMN].astype(int)) - set(range(len(names))))
             if outside:
                 raise DataError(f"split {split!r} has label ids {outside} outside {names}")
-            frames[split][LABEL] = frame[LABEL].astype(int)
+            frames[split][LABEL_COLUMN] = frame[LABEL_COLUMN].astype(int)
     else:
         values = sorted(train.unique(), key=lambda v: (str(type(v)), v))
         names = [str(v) for v in values]
         ids = {v: i for i, v in enumerate(values)}
         for split, frame in frames.items():
-            unseen = sorted(set(frame[LABEL].unique()) - ids.keys(), key=str)
+            unseen = sorted(set(frame[LABEL_COLUMN].unique()) - ids.keys(), key=str)
             if unseen:
                 raise DataError(
                     f"split {split!r} has labels never seen in train: {unseen[:10]}; "
                     f"train labels: {names}"
                 )
-            frames[split][LABEL] = frame[LABEL].map(ids).astype(int)
-    present = sorted(set(frames["train"][LABEL]))
+            frames[split][LABEL_COLUMN] = frame[LABEL_COLUMN].map(ids).astype(int)
+    present = sorted(set(frames["train"][LABEL_COLUMN]))
     if len(present) < 2:
         raise DataError(
             f"the train split has {len(present)} class(es) ({[names[i] for i in present]}); "
@@ -185,10 +189,10 @@ def _stratified_split(frame: pd.DataFrame, size: float | int, seed: int, what: s
 
     try:
         rest, part = train_test_split(
-            frame, test_size=size, stratify=frame[LABEL], random_state=seed
+            frame, test_size=size, stratify=frame[LABEL_COLUMN], random_state=seed
         )
     except ValueError as err:
-        counts = frame[LABEL].value_counts().to_dict()
+        counts = frame[LABEL_COLUMN].value_counts().to_dict()
         raise DataError(f"cannot make a stratified {what} (class counts {counts}): {err}") from err
     return rest.reset_index(drop=True), part.reset_index(drop=True)
 
@@ -196,7 +200,7 @@ def _stratified_split(frame: pd.DataFrame, size: float | int, seed: int, what: s
 def _cap(frame: pd.DataFrame, limit: int, seed: int, split: str) -> pd.DataFrame:
     if limit <= 0 or len(frame) <= limit:
         return frame
-    counts = frame[LABEL].value_counts()
+    counts = frame[LABEL_COLUMN].value_counts()
     if limit >= len(counts) and counts.min() >= 2:
         _, kept = _stratified_split(frame, limit, seed, f"sample of {split}")
     else:
@@ -210,100 +214,114 @@ def fingerprint(frames: dict[str, pd.DataFrame], label_names: list[str]) -> str:
     digest = hashlib.sha256(json.dumps(label_names).encode())
     for split in SPLITS:
         digest.update(split.encode())
-        hashes = pd.util.hash_pandas_object(frames[split][[TEXT, LABEL]], index=False)
+        hashes = pd.util.hash_pandas_object(frames[split][[TEXT_COLUMN, LABEL_COLUMN]], index=False)
         digest.update(hashes.to_numpy().tobytes())
     return digest.hexdigest()
 
 
-def download_dataset(
+def check_fractions(**fractions: float) -> None:
+    """Each held-out fraction must lie strictly between 0 and 1."""
+    for name, fraction in fractions.items():
+        if not 0 < fraction < 1:
+            raise DataError(f"{name} must be between 0 and 1, got {fraction}")
+
+
+def read_source(
     source: str,
-    out_dir: str,
     *,
-    source_type: str = "auto",
-    config: str = "",
-    revision: str = "",
-    file_format: str = "auto",
-    encoding: str = "utf-8",
-    text_column: str = "text",
-    label_column: str = "label",
-    train_split: str = "train",
-    validation_split: str = "validation",
-    test_split: str = "test",
-    validation_fraction: float = 0.1,
-    test_fraction: float = 0.1,
-    max_train_samples: int = 0,
-    max_eval_samples: int = 0,
-    drop_invalid_rows: bool = False,
-    seed: int = 42,
-) -> dict[str, Any]:
-    """Read ``source``, validate it, make the missing splits and save a DatasetDict to ``out_dir``.
-
-    Returns the metadata also written to ``out_dir/metadata.json``.
-    """
-    import datasets
-
+    source_type: str,
+    config: str,
+    revision: str,
+    file_format: str,
+    encoding: str,
+    split_names: dict[str, str],
+) -> tuple[dict[str, pd.DataFrame], Any]:
+    """The splits of ``source`` as DataFrames, and the Hub features (None for files)."""
     if source_type not in ("auto", "hub", "files"):
         raise DataError(f"source_type must be auto, hub or files, not {source_type!r}")
-    for name, fraction in (("validation", validation_fraction), ("test", test_fraction)):
-        if not 0 < fraction < 1:
-            raise DataError(f"{name}_fraction must be between 0 and 1, got {fraction}")
-    split_names = {"train": train_split, "validation": validation_split, "test": test_split}
     use_files = source_type == "files" or (source_type == "auto" and _is_file_source(source))
     if use_files:
-        frames, features = _read_files(source, file_format, encoding, split_names), None
-    else:
-        frames, features = _read_hub(source, config, revision, split_names)
-    _check_columns(frames, text_column, label_column)
+        return _read_files(source, file_format, encoding, split_names), None
+    return _read_hub(source, config, revision, split_names)
 
-    dropped: dict[str, dict] = {}
+
+def select_columns(
+    frames: dict[str, pd.DataFrame], text_column: str, label_column: str, drop_invalid_rows: bool
+) -> dict[str, dict[str, int]]:
+    """Keep the text and label columns as `text`/`label` (in place); return rows dropped."""
+    _check_columns(frames, text_column, label_column)
+    dropped: dict[str, dict[str, int]] = {}
     for split in list(frames):
         frame = frames[split][[text_column, label_column]]
-        frame = frame.rename(columns={text_column: TEXT, label_column: LABEL})
+        frame = frame.rename(columns={text_column: TEXT_COLUMN, label_column: LABEL_COLUMN})
         frames[split], counts = _clean(frame.reset_index(drop=True), split, drop_invalid_rows)
         if counts:
             dropped[split] = counts
-        frames[split][TEXT] = frames[split][TEXT].astype(str)
-    label_names = _encode_labels(frames, features)
+        frames[split][TEXT_COLUMN] = frames[split][TEXT_COLUMN].astype(str)
+    return dropped
 
+
+def make_missing_splits(
+    frames: dict[str, pd.DataFrame], validation_fraction: float, test_fraction: float, seed: int
+) -> list[str]:
+    """Hold validation and/or test out of train when missing (stratified); return their names."""
     created = [s for s in ("validation", "test") if s not in frames]
-    if created:
-        total = test_fraction * ("test" in created) + validation_fraction * (
-            "validation" in created
-        )
-        rest, held_out = _stratified_split(frames["train"], total, seed, "/".join(created))
-        frames["train"] = rest
-        if len(created) == 2:
-            share = test_fraction / total
-            validation, test = _stratified_split(held_out, share, seed, "validation/test")
-            frames["validation"], frames["test"] = validation, test
-        else:
-            frames[created[0]] = held_out
-        log.info("created %s from the train split (stratified, seed %d)", created, seed)
+    if not created:
+        return created
+    total = test_fraction * ("test" in created) + validation_fraction * ("validation" in created)
+    rest, held_out = _stratified_split(frames["train"], total, seed, "/".join(created))
+    frames["train"] = rest
+    if len(created) == 2:
+        share = test_fraction / total
+        validation, test = _stratified_split(held_out, share, seed, "validation/test")
+        frames["validation"], frames["test"] = validation, test
+    else:
+        frames[created[0]] = held_out
+    log.info("created %s from the train split (stratified, seed %d)", created, seed)
+    return created
 
+
+def cap_splits(
+    frames: dict[str, pd.DataFrame], max_train_samples: int, max_eval_samples: int, seed: int
+) -> None:
+    """Sample splits down to their caps (in place); an empty split is an error."""
     caps = {"train": max_train_samples, "validation": max_eval_samples, "test": max_eval_samples}
     for split in SPLITS:
         frames[split] = _cap(frames[split], caps[split], seed, split)
         if frames[split].empty:
             raise DataError(f"split {split!r} is empty")
 
-    features_out = datasets.Features(
-        {TEXT: datasets.Value("string"), LABEL: datasets.ClassLabel(names=label_names)}
-    )
-    dataset = datasets.DatasetDict(
+
+def save_splits(
+    frames: dict[str, pd.DataFrame],
+    label_names: list[str],
+    out_dir: str,
+    *,
+    source: str,
+    created: list[str],
+    dropped: dict[str, dict[str, int]],
+) -> DatasetMetadata:
+    """Save the splits as a DatasetDict and its `metadata.json`; return the metadata."""
+    import datasets
+
+    features = datasets.Features(
         {
-            split: datasets.Dataset.from_pandas(frames[split], features=features_out)
-            for split in SPLITS
+            TEXT_COLUMN: datasets.Value("string"),
+            LABEL_COLUMN: datasets.ClassLabel(names=label_names),
         }
     )
+    dataset = datasets.DatasetDict(
+        {split: datasets.Dataset.from_pandas(frames[split], features=features) for split in SPLITS}
+    )
     dataset.save_to_disk(out_dir)
-    metadata = {
+    metadata: DatasetMetadata = {
         "source": source,
         "label_names": label_names,
         "rows": {split: len(frames[split]) for split in SPLITS},
         "class_counts": {
             split: {
                 label_names[i]: int(n)
-                for i, n in frames[split][LABEL].value_counts().sort_index().items()
+                for i, n in frames[split][LABEL_COLUMN].value_counts().sort_index().items()
             }
             for split in SPLITS
         },
@@ -311,13 +329,8 @@ def download_dataset(
         "dropped_rows": dropped,
         "fingerprint": fingerprint(frames, label_names),
     }
-    Path(out_dir, METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+    write_dataset_metadata(out_dir, metadata)
     return metadata
-
-
-def read_metadata(dataset_dir: str) -> dict[str, Any]:
-    """The metadata that `download_dataset` wrote next to the data."""
-    return json.loads(Path(dataset_dir, METADATA_FILE).read_text())
 
 
 @component
@@ -367,27 +380,23 @@ def download(
     Returns:
         dataset: Output DatasetDict (`save_to_disk`) with `text` and `label` (ClassLabel) columns.
     """
-    from components.download import download_dataset
+    from fineserve.components import download as step
 
-    dataset.metadata.update(
-        download_dataset(
-            source,
-            dataset.path,
-            source_type=source_type,
-            config=config,
-            revision=revision,
-            file_format=file_format,
-            encoding=encoding,
-            text_column=text_column,
-            label_column=label_column,
-            train_split=train_split,
-            validation_split=validation_split,
-            test_split=test_split,
-            validation_fraction=validation_fraction,
-            test_fraction=test_fraction,
-            max_train_samples=max_train_samples,
-            max_eval_samples=max_eval_samples,
-            drop_invalid_rows=drop_invalid_rows,
-            seed=seed,
-        )
+    step.check_fractions(validation_fraction=validation_fraction, test_fraction=test_fraction)
+    frames, features = step.read_source(
+        source,
+        source_type=source_type,
+        config=config,
+        revision=revision,
+        file_format=file_format,
+        encoding=encoding,
+        split_names={"train": train_split, "validation": validation_split, "test": test_split},
     )
+    dropped = step.select_columns(frames, text_column, label_column, drop_invalid_rows)
+    label_names = step.encode_labels(frames, features)
+    created = step.make_missing_splits(frames, validation_fraction, test_fraction, seed)
+    step.cap_splits(frames, max_train_samples, max_eval_samples, seed)
+    metadata = step.save_splits(
+        frames, label_names, dataset.path, source=source, created=created, dropped=dropped
+    )
+    dataset.metadata.update(metadata)

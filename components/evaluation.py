@@ -1,16 +1,16 @@
 """evaluate: score the trained model on the test split, against a TF-IDF baseline.
 
-Predictions come from the serving engine (`serving.engine.TextClassifier`), so the scores are
-those of the deployed predictor. Accuracy, macro-F1, per-class precision/recall/F1, the
-confusion matrix and bootstrap 95% intervals come from `components.metrics` (an offline
+Predictions come from the serving engine (`fineserve.serving.engine.TextClassifier`), so the
+scores are those of the deployed predictor. Accuracy, macro-F1, per-class precision/recall/F1,
+the confusion matrix and bootstrap 95% intervals come from
+`fineserve.components.classification_metrics` (an offline
 `evaluate.Metric`); a Markdown report sums them up. The same metrics for TF-IDF + logistic
 regression trained on the same train split tell whether the transformer earns its cost.
 """
 
-import json
 import logging
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from kfp.dsl import (
     Artifact,
@@ -23,14 +23,16 @@ from kfp.dsl import (
     Output,
 )
 
-from components.errors import DataError
-from components.kfp_wrapper import component
+from fineserve.components.decorator import component
+from fineserve.core.artifacts import LABEL_COLUMN, TEXT_COLUMN, EvaluationResults
+from fineserve.core.errors import DataError
 
 log = logging.getLogger(__name__)
 
 
-def tfidf_baseline(train_texts: list[str], train_labels, test_texts: list[str], seed: int = 0):
+def tfidf_baseline(dataset_dir: str, test_texts: list[str], seed: int = 0):
     """Predictions of TF-IDF (word 1-2 grams) + logistic regression fit on the train split."""
+    import datasets
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -39,11 +41,19 @@ def tfidf_baseline(train_texts: list[str], train_labels, test_texts: list[str], 
         TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True),
         LogisticRegression(max_iter=2000, C=4.0, random_state=seed),
     )
-    baseline.fit(train_texts, train_labels)
+    train = datasets.load_from_disk(dataset_dir)["train"]
+    baseline.fit(list(train[TEXT_COLUMN]), list(train[LABEL_COLUMN]))
     return baseline.predict(test_texts)
 
 
-def _markdown_report(result: dict[str, Any]) -> str:
+def write_report(path: str, result: EvaluationResults) -> None:
+    """Write the Markdown report of ``result`` to ``path``."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(markdown_report(result))
+
+
+def markdown_report(result: EvaluationResults) -> str:
+    """The evaluation as a Markdown report (rendered in the Kubeflow UI, logged to MLflow)."""
     names = result["label_names"]
     model, base, ci = result["model"], result["baseline"], result["confidence_intervals"]
     lines = [
@@ -77,89 +87,29 @@ def _markdown_report(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate_model(
-    dataset_dir: str,
-    model_dir: str,
-    *,
-    results_path: str,
-    report_path: str,
-    n_bootstrap: int = 1000,
-    baseline: bool = True,
-    batch_size: int = 64,
-    seed: int = 42,
-) -> dict[str, Any]:
-    """Evaluate ``model_dir`` on the test split of ``dataset_dir``; write results and report.
-
-    Returns the results, also written as JSON to ``results_path``; the report goes to
-    ``report_path``.
-    """
+def load_test_split(dataset_dir: str, model_dir: str):
+    """The test split of ``dataset_dir`` and its label names, checked against the model's."""
     import datasets
-    import numpy as np
     from transformers import AutoConfig
 
-    from components.metrics import ClassificationReport, bootstrap_ci
-    from serving.engine import TextClassifier
-
-    data = datasets.load_from_disk(dataset_dir)
-    label_names = data["test"].features["label"].names
+    test = datasets.load_from_disk(dataset_dir)["test"]
+    label_names = test.features[LABEL_COLUMN].names
     model_labels = AutoConfig.from_pretrained(model_dir).id2label
     if [model_labels[i] for i in range(len(model_labels))] != label_names:
         raise DataError(
             f"the model's labels {list(model_labels.values())} differ from the data's {label_names}"
         )
-    test = data["test"]
     if len(test) == 0:
         raise DataError("the test split is empty")
-    y_true = np.asarray(test["label"])
-    # the serving engine itself: what is scored here is what the predictor answers
+    return test, label_names
+
+
+def predict(model_dir: str, texts: list[str], batch_size: int):
+    """Class ids the serving engine predicts: what is scored is what the predictor answers."""
+    from fineserve.serving.engine import TextClassifier
+
     classifier = TextClassifier(model_dir, max_batch_size=batch_size)
-    y_pred = classifier.predict_proba(list(test["text"])).argmax(axis=-1)
-    report = ClassificationReport()
-    num_labels = len(label_names)
-    result: dict[str, Any] = {
-        "label_names": label_names,
-        "test_rows": len(test),
-        "n_bootstrap": n_bootstrap,
-        "model": report.compute(predictions=y_pred, references=y_true, num_labels=num_labels),
-        "confidence_intervals": bootstrap_ci(
-            y_true, y_pred, num_labels, n_resamples=n_bootstrap, seed=seed
-        ),
-        "baseline": None,
-    }
-    if baseline:
-        train = data["train"]
-        base_pred = tfidf_baseline(
-            list(train["text"]), list(train["label"]), list(test["text"]), seed=seed
-        )
-        result["baseline"] = report.compute(
-            predictions=base_pred, references=y_true, num_labels=num_labels
-        )
-    for path, text in (
-        (results_path, json.dumps(result, indent=2)),
-        (report_path, _markdown_report(result)),
-    ):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text)
-    return result
-
-
-def summary_metrics(result: dict[str, Any]) -> dict[str, float]:
-    """The scalar metrics a run is judged and compared by (KFP Metrics, MLflow metrics)."""
-    model, ci = result["model"], result["confidence_intervals"]
-    scalars = {
-        "accuracy": model["accuracy"],
-        "macro_f1": model["macro_f1"],
-        "accuracy_ci_low": ci["accuracy"][0],
-        "accuracy_ci_high": ci["accuracy"][1],
-        "macro_f1_ci_low": ci["macro_f1"][0],
-        "macro_f1_ci_high": ci["macro_f1"][1],
-    }
-    for name, f1 in zip(result["label_names"], model["f1"], strict=True):
-        scalars[f"f1_{name}"] = f1
-    if result["baseline"] is not None:
-        scalars["baseline_accuracy"] = result["baseline"]["accuracy"]
-        scalars["baseline_macro_f1"] = result["baseline"]["macro_f1"]
-    return {name: round(float(value), 5) for name, value in scalars.items()}
+    return classifier.predict_proba(texts).argmax(axis=-1)
 
 
 @component
@@ -197,22 +147,37 @@ def evaluate(
     """
     from collections import namedtuple
 
-    from components.evaluation import evaluate_model, summary_metrics
+    import numpy as np
 
-    result = evaluate_model(
-        dataset.path,
-        model.path,
-        results_path=results.path,
-        report_path=report.path,
-        n_bootstrap=n_bootstrap,
-        baseline=baseline,
-        batch_size=batch_size,
-        seed=seed,
-    )
-    for name, value in summary_metrics(result).items():
+    from fineserve.components import evaluation as step
+    from fineserve.components.classification_metrics import ClassificationReport, bootstrap_ci
+    from fineserve.core import artifacts
+
+    test, label_names = step.load_test_split(dataset.path, model.path)
+    texts, y_true = list(test[artifacts.TEXT_COLUMN]), np.asarray(test[artifacts.LABEL_COLUMN])
+    y_pred = step.predict(model.path, texts, batch_size)
+    report_metric, num_labels = ClassificationReport(), len(label_names)
+    result: artifacts.EvaluationResults = {
+        "label_names": label_names,
+        "test_rows": len(test),
+        "n_bootstrap": n_bootstrap,
+        "model": report_metric.compute(
+            predictions=y_pred, references=y_true, num_labels=num_labels
+        ),
+        "confidence_intervals": bootstrap_ci(
+            y_true, y_pred, num_labels, n_resamples=n_bootstrap, seed=seed
+        ),
+        "baseline": None,
+    }
+    if baseline:
+        base_pred = step.tfidf_baseline(dataset.path, texts, seed=seed)
+        result["baseline"] = report_metric.compute(
+            predictions=base_pred, references=y_true, num_labels=num_labels
+        )
+    artifacts.write_evaluation_results(results.path, result)
+    step.write_report(report.path, result)
+    for name, value in artifacts.summary_metrics(result).items():
         metrics.log_metric(name, value)
-    confusion_matrix.log_confusion_matrix(
-        result["label_names"], result["model"]["confusion_matrix"]
-    )
+    confusion_matrix.log_confusion_matrix(label_names, result["model"]["confusion_matrix"])
     outputs = namedtuple("EvaluateOutputs", ["accuracy", "macro_f1"])
     return outputs(result["model"]["accuracy"], result["model"]["macro_f1"])

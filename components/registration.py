@@ -1,11 +1,10 @@
 """register: one MLflow run per pipeline run, and a model version aliased `challenger`.
 
 The run holds the parameters, metrics, Markdown report and a confusion-matrix PNG. The version
-is a pyfunc model (`components/pyfunc_model.py`) whose `artifacts/hf_model/` folder is the HF
-directory itself, so a KServe `storageUri` pointing there serves it as it is.
+is a pyfunc model (`fineserve.components.mlflow_pyfunc`) whose `artifacts/hf_model/` folder is
+the HF directory itself, so a KServe `storageUri` pointing there serves it as it is.
 """
 
-import json
 import logging
 import os
 import shutil
@@ -16,17 +15,14 @@ from typing import Any, NamedTuple
 from kfp import dsl
 from kfp.dsl import Artifact, Input, Markdown, Model
 
-from components.errors import DataError
-from components.evaluation import summary_metrics
-from components.kfp_wrapper import component
-from components.training import MODEL_INFO_FILE
-from fineserve.defaults import local_tracking_uri
+from fineserve.components.decorator import component
+from fineserve.core.artifacts import HF_MODEL_ARTIFACT, TAG_PIPELINE_RUN_ID, ModelInfo
+from fineserve.core.errors import DataError
 
 log = logging.getLogger(__name__)
 
-RUN_ID_TAG = "fineserve.pipeline_run_id"
-HF_MODEL_ARTIFACT = "hf_model"
-PYFUNC_CODE = str(Path(__file__).with_name("pyfunc_model.py"))
+#: The pyfunc "model from code" logged with every version.
+PYFUNC_CODE = str(Path(__file__).with_name("mlflow_pyfunc.py"))
 
 
 def _confusion_figure(matrix: list[list[int]], names: list[str]):
@@ -51,7 +47,8 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def _flat_params(info: dict[str, Any]) -> dict[str, Any]:
+def flat_params(info: ModelInfo) -> dict[str, Any]:
+    """The training settings of ``info`` as flat MLflow run parameters."""
     data = info["dataset"]
     return {
         "base_model": info["base_model"],
@@ -67,110 +64,69 @@ def _flat_params(info: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _existing_run(client, experiment_id: str, pipeline_run_id: str) -> str | None:
+def check_model_name(model_name: str) -> None:
+    """A registered model name is plain: no `/` or `:` (those would make a models:/ URI)."""
+    if not model_name or "/" in model_name or ":" in model_name:
+        raise DataError(f"model_name must be a plain registry name, got {model_name!r}")
+
+
+def experiment_id(client, experiment_name: str, artifact_location: str) -> str:
+    """The id of ``experiment_name``, created (with ``artifact_location``) when missing."""
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment:
+        return experiment.experiment_id
+    return client.create_experiment(experiment_name, artifact_location or None)
+
+
+def existing_run(client, experiment: str, pipeline_run_id: str) -> str | None:
+    """The MLflow run an earlier try of this pipeline run made, if any (a retried step)."""
     runs = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{RUN_ID_TAG}` = '{pipeline_run_id}'"
+        [experiment], filter_string=f"tags.`{TAG_PIPELINE_RUN_ID}` = '{pipeline_run_id}'"
     )
     return runs[0].info.run_id if runs else None
 
 
-def register_model(
-    model_dir: str,
-    results_path: str,
-    report_path: str,
-    *,
-    model_name: str,
-    pipeline_run_id: str,
-    tracking_uri: str = "",
-    experiment_name: str = "fineserve",
-    artifact_location: str = "",
-    image: str = "",
-    alias: str = "challenger",
-) -> dict[str, str]:
-    """Log the run and register ``model_dir`` as a new version of ``model_name``.
+def log_evaluation(results: dict[str, Any], report_path: str, train_metrics: dict) -> None:
+    """Log metrics, the Markdown report, the results and a confusion-matrix PNG to the run."""
+    import mlflow
 
-    A retried step (same ``pipeline_run_id``) reuses its MLflow run and, if the version was
-    already made, that version. Returns the run id, version, its `storageUri` and the tracking URI.
-    """
+    from fineserve.core.artifacts import summary_metrics
+
+    train_scalars = {
+        f"train_{k}".replace("train_train_", "train_"): v
+        for k, v in train_metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+    mlflow.log_metrics({**summary_metrics(results), **train_scalars})
+    mlflow.log_text(Path(report_path).read_text(), "evaluation/report.md")
+    mlflow.log_dict(results, "evaluation/results.json")
+    figure = _confusion_figure(results["model"]["confusion_matrix"], results["label_names"])
+    mlflow.log_figure(figure, "evaluation/confusion_matrix.png")
+
+
+def log_model_version(model_dir: str, model_name: str) -> str:
+    """Log ``model_dir`` as a pyfunc model in the active run, registered; return the version."""
     import mlflow
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
-    if not model_name or "/" in model_name or ":" in model_name:
-        raise DataError(f"model_name must be a plain registry name, got {model_name!r}")
-    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or local_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    client = mlflow.MlflowClient()
-    experiment = client.get_experiment_by_name(experiment_name)
-    experiment_id = (
-        experiment.experiment_id
-        if experiment
-        else client.create_experiment(experiment_name, artifact_location or None)
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string")]),
+        outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")]),
     )
-    info = json.loads(Path(model_dir, MODEL_INFO_FILE).read_text())
-    results = json.loads(Path(results_path).read_text())
-    fingerprint = info["dataset"]["fingerprint"]
-    tags = {
-        RUN_ID_TAG: pipeline_run_id,
-        "fineserve.dataset_fingerprint": fingerprint,
-        "fineserve.base_model": info["base_model"],
-        "fineserve.image": image,
-    }
-    run_id = _existing_run(client, experiment_id, pipeline_run_id)
-    with mlflow.start_run(
-        run_id=run_id,
-        experiment_id=experiment_id,
-        run_name=None if run_id else f"fineserve-{pipeline_run_id}"[:250],
-        tags=tags,
-    ) as run:
-        run_id = run.info.run_id
-        mlflow.log_params(_flat_params(info))
-        train_metrics = {
-            f"train_{k}".replace("train_train_", "train_"): v
-            for k, v in info["train_metrics"].items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)
-        }
-        mlflow.log_metrics({**summary_metrics(results), **train_metrics})
-        mlflow.log_text(Path(report_path).read_text(), "evaluation/report.md")
-        mlflow.log_dict(results, "evaluation/results.json")
-        figure = _confusion_figure(results["model"]["confusion_matrix"], results["label_names"])
-        mlflow.log_figure(figure, "evaluation/confusion_matrix.png")
-
-        versions = client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
-        if versions:
-            version = versions[0].version
-            log.info("run %s already registered %s version %s", run_id, model_name, version)
-        else:
-            signature = ModelSignature(
-                inputs=Schema([ColSpec("string")]),
-                outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")]),
-            )
-            with tempfile.TemporaryDirectory() as staging:
-                # MLflow stores an artifact folder under its own name: stage it as `hf_model`
-                hf_model = Path(staging, HF_MODEL_ARTIFACT)
-                shutil.copytree(model_dir, hf_model, copy_function=_link_or_copy)
-                model_info = mlflow.pyfunc.log_model(
-                    name="model",
-                    python_model=PYFUNC_CODE,
-                    artifacts={HF_MODEL_ARTIFACT: str(hf_model)},
-                    signature=signature,
-                    pip_requirements=[f"mlflow=={mlflow.__version__}", "transformers", "torch"],
-                    registered_model_name=model_name,
-                )
-            version = str(model_info.registered_model_version)
-    for key, value in {**tags, "fineserve.mlflow_run_id": run_id}.items():
-        client.set_model_version_tag(model_name, version, key, value)
-    storage_uri = f"{client.get_model_version_download_uri(model_name, version)}/artifacts/"
-    storage_uri += HF_MODEL_ARTIFACT
-    client.set_model_version_tag(model_name, version, "fineserve.storage_uri", storage_uri)
-    client.set_registered_model_alias(model_name, alias, version)
-    log.info("registered %s version %s as @%s: %s", model_name, version, alias, storage_uri)
-    return {
-        "run_id": run_id,
-        "model_version": str(version),
-        "storage_uri": storage_uri,
-        "tracking_uri": tracking_uri,
-    }
+    with tempfile.TemporaryDirectory() as staging:
+        # MLflow stores an artifact folder under its own name: stage it as `hf_model`
+        hf_model = Path(staging, HF_MODEL_ARTIFACT)
+        shutil.copytree(model_dir, hf_model, copy_function=_link_or_copy)
+        model_info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=PYFUNC_CODE,
+            artifacts={HF_MODEL_ARTIFACT: str(hf_model)},
+            signature=signature,
+            pip_requirements=[f"mlflow=={mlflow.__version__}", "transformers", "torch"],
+            registered_model_name=model_name,
+        )
+    return str(model_info.registered_model_version)
 
 
 @component
@@ -208,19 +164,45 @@ def register(
     """
     from collections import namedtuple
 
-    from components.registration import register_model
+    import mlflow
 
-    result = register_model(
-        model.path,
-        results.path,
-        report.path,
-        model_name=model_name,
-        pipeline_run_id=pipeline_run_id,
-        tracking_uri=tracking_uri,
-        experiment_name=experiment_name,
-        artifact_location=artifact_location,
-        image=image,
-        alias=alias,
-    )
+    from fineserve.components import registration as step
+    from fineserve.core import artifacts, registry
+
+    step.check_model_name(model_name)
+    tracking_uri = registry.resolve_tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    client = registry.mlflow_client(tracking_uri)
+    experiment = step.experiment_id(client, experiment_name, artifact_location)
+    info = artifacts.read_model_info(model.path)
+    evaluation = artifacts.read_evaluation_results(results.path)
+    tags = {
+        artifacts.TAG_PIPELINE_RUN_ID: pipeline_run_id,
+        artifacts.TAG_DATASET_FINGERPRINT: info["dataset"]["fingerprint"],
+        artifacts.TAG_BASE_MODEL: info["base_model"],
+        artifacts.TAG_IMAGE: image,
+    }
+    run_id = step.existing_run(client, experiment, pipeline_run_id)
+    with mlflow.start_run(
+        run_id=run_id,
+        experiment_id=experiment,
+        run_name=None if run_id else f"fineserve-{pipeline_run_id}"[:250],
+        tags=tags,
+    ) as run:
+        run_id = run.info.run_id
+        mlflow.log_params(step.flat_params(info))
+        step.log_evaluation(evaluation, report.path, info["train_metrics"])
+        versions = client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
+        if versions:
+            version = str(versions[0].version)
+            step.log.info("run %s already registered %s version %s", run_id, model_name, version)
+        else:
+            version = step.log_model_version(model.path, model_name)
+    for key, value in {**tags, artifacts.TAG_MLFLOW_RUN_ID: run_id}.items():
+        client.set_model_version_tag(model_name, version, key, value)
+    storage_uri = registry.model_dir_uri(client, model_name, version)
+    client.set_model_version_tag(model_name, version, artifacts.TAG_STORAGE_URI, storage_uri)
+    registry.set_alias(client, model_name, alias, version)
+    step.log.info("registered %s version %s as @%s: %s", model_name, version, alias, storage_uri)
     outputs = namedtuple("RegisterOutputs", ["run_id", "model_version", "storage_uri"])
-    return outputs(result["run_id"], result["model_version"], result["storage_uri"])
+    return outputs(run_id, version, storage_uri)

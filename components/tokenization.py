@@ -6,33 +6,45 @@ data (with `model_max_length = max_length`) so that training, evaluation and ser
 exactly the tokenizer the data was made with.
 """
 
-import json
 import logging
-from pathlib import Path
-from typing import Any
 
 from kfp.dsl import Dataset, Input, Output
 
-from components.download import read_metadata
-from components.errors import DataError
-from components.kfp_wrapper import component
+from fineserve.components.decorator import component
+from fineserve.core.artifacts import (
+    LENGTH_COLUMN,
+    TEXT_COLUMN,
+    TokenStats,
+    read_dataset_metadata,
+    tokenizer_dir,
+    write_token_stats,
+)
+from fineserve.core.errors import DataError
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_DIR = "tokenizer"
-STATS_FILE = "token_stats.json"
+MIN_LENGTH = 8
 
 
-def load_fast_tokenizer(base_model: str, revision: str = ""):
-    """The base checkpoint's fast (Rust) tokenizer; a slow-only checkpoint is refused."""
+def load_fast_tokenizer(base_model: str, revision: str = "", max_length: int = 128):
+    """The base checkpoint's fast (Rust) tokenizer, set to truncate at ``max_length``.
+
+    A slow-only checkpoint, or a ``max_length`` the checkpoint cannot take, is refused.
+    """
     from transformers import AutoTokenizer
 
+    if max_length < MIN_LENGTH:
+        raise DataError(f"max_length must be at least {MIN_LENGTH}, got {max_length}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(base_model, revision=revision or None)
     except (OSError, ValueError) as err:
         raise DataError(f"cannot load the tokenizer of {base_model!r}: {err}") from err
     if not tokenizer.is_fast:
         raise DataError(f"{base_model!r} has no fast tokenizer (tokenizer.json); one is required")
+    limit = tokenizer.model_max_length
+    if limit and limit < 1_000_000 and max_length > limit:
+        raise DataError(f"max_length {max_length} exceeds {base_model!r}'s limit of {limit}")
+    tokenizer.model_max_length = max_length
     return tokenizer
 
 
@@ -49,49 +61,38 @@ def _length_stats(lengths: list[int], max_length: int) -> dict[str, float]:
     }
 
 
-def tokenize_dataset(
-    dataset_dir: str,
-    out_dir: str,
-    *,
-    base_model: str,
-    max_length: int = 128,
-    revision: str = "",
-) -> dict[str, Any]:
-    """Tokenize the `text` column of every split; keep `label`; save data and tokenizer.
+def tokenize_dataset(dataset_dir: str, out_dir: str, tokenizer, *, base_model: str) -> TokenStats:
+    """Tokenize the text of every split (truncated at the tokenizer's `model_max_length`).
 
-    Returns token-length statistics per split (also written to ``out_dir/token_stats.json``).
+    Keeps `label`, adds `length`, saves the data, the tokenizer and `token_stats.json` to
+    ``out_dir``, and returns those statistics.
     """
     import datasets
 
-    if max_length < 8:
-        raise DataError(f"max_length must be at least 8, got {max_length}")
-    tokenizer = load_fast_tokenizer(base_model, revision)
-    limit = tokenizer.model_max_length
-    if limit and limit < 1_000_000 and max_length > limit:
-        raise DataError(f"max_length {max_length} exceeds {base_model!r}'s limit of {limit}")
-    tokenizer.model_max_length = max_length
-
+    max_length = tokenizer.model_max_length
     raw = datasets.load_from_disk(dataset_dir)
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
-        encoded = tokenizer(batch["text"], truncation=True, max_length=max_length)
-        encoded["length"] = [len(ids) for ids in encoded["input_ids"]]
+        encoded = tokenizer(batch[TEXT_COLUMN], truncation=True, max_length=max_length)
+        encoded[LENGTH_COLUMN] = [len(ids) for ids in encoded["input_ids"]]
         return encoded
 
-    tokenized = raw.map(encode, batched=True, batch_size=1000, remove_columns=["text"])
-    stats = {split: _length_stats(tokenized[split]["length"], max_length) for split in tokenized}
+    tokenized = raw.map(encode, batched=True, batch_size=1000, remove_columns=[TEXT_COLUMN])
+    lengths = {
+        split: _length_stats(tokenized[split][LENGTH_COLUMN], max_length) for split in tokenized
+    }
     tokenized.save_to_disk(out_dir)
-    tokenizer.save_pretrained(Path(out_dir, TOKENIZER_DIR))
-    dataset_info = read_metadata(dataset_dir)
-    result = {
+    tokenizer.save_pretrained(tokenizer_dir(out_dir))
+    dataset_info = read_dataset_metadata(dataset_dir)
+    stats: TokenStats = {
         "base_model": base_model,
         "max_length": max_length,
-        "token_lengths": stats,
+        "token_lengths": lengths,
         "dataset": {key: dataset_info[key] for key in ("source", "fingerprint", "rows")},
     }
-    Path(out_dir, STATS_FILE).write_text(json.dumps(result, indent=2))
-    log.info("token lengths: %s", stats)
-    return result
+    write_token_stats(out_dir, stats)
+    log.info("token lengths: %s", lengths)
+    return stats
 
 
 @component
@@ -114,14 +115,9 @@ def tokenize(
         tokenized: Output DatasetDict (`input_ids`, `attention_mask`, `label`, `length`) and the
             tokenizer in its `tokenizer/` folder; token-length stats in its metadata.
     """
-    from components.tokenization import tokenize_dataset
+    from fineserve.components import tokenization as step
 
+    tokenizer = step.load_fast_tokenizer(base_model, base_model_revision, max_length)
     tokenized.metadata.update(
-        tokenize_dataset(
-            dataset.path,
-            tokenized.path,
-            base_model=base_model,
-            max_length=max_length,
-            revision=base_model_revision,
-        )
+        step.tokenize_dataset(dataset.path, tokenized.path, tokenizer, base_model=base_model)
     )

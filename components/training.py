@@ -17,13 +17,14 @@ from typing import Any
 
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
-from components.errors import DataError
-from components.kfp_wrapper import component
-from components.tokenization import STATS_FILE, TOKENIZER_DIR
+from fineserve.components.decorator import component
+from fineserve.core.artifacts import LABEL_COLUMN, LENGTH_COLUMN
+from fineserve.core.errors import DataError
 
 log = logging.getLogger(__name__)
 
-MODEL_INFO_FILE = "fineserve.json"
+#: A checkpoint is complete once the Trainer has written this file, last of all.
+TRAINER_STATE_FILE = "trainer_state.json"
 
 
 def precision_flags() -> dict[str, bool]:
@@ -116,17 +117,17 @@ def _trainer_class(group_by_length: bool):
             # the `length` column (written by tokenize) is gone from the column-pruned copy
             data = self.train_dataset
             return LengthBucketSampler(
-                list(data["length"]),
+                list(data[LENGTH_COLUMN]),
                 self.args.train_batch_size,
                 self.args.data_seed,
-                labels=list(data["label"]) if "label" in data.column_names else None,
+                labels=list(data[LABEL_COLUMN]) if LABEL_COLUMN in data.column_names else None,
             )
 
     return BucketingTrainer
 
 
 def _compute_metrics(num_labels: int):
-    from components.metrics import ClassificationReport
+    from fineserve.components.classification_metrics import ClassificationReport
 
     report = ClassificationReport()
 
@@ -140,166 +141,61 @@ def _compute_metrics(num_labels: int):
     return compute
 
 
-def train_model(
-    tokenized_dir: str,
-    out_dir: str,
-    *,
-    base_model: str,
-    base_model_revision: str = "",
-    epochs: float = 3.0,
-    learning_rate: float = 5e-5,
-    batch_size: int = 32,
-    eval_batch_size: int = 128,
-    weight_decay: float = 0.01,
-    warmup_ratio: float = 0.06,
-    max_grad_norm: float = 1.0,
-    early_stopping_patience: int = 2,
-    max_steps: int = -1,
-    seed: int = 42,
-    checkpoint_dir: str = "",
-    group_by_length: bool = True,
-    callbacks: list | None = None,
-) -> dict[str, Any]:
-    """Fine-tune ``base_model`` on the tokenized splits and save the best model to ``out_dir``.
-
-    ``checkpoint_dir`` (default: ``<out_dir>.checkpoints``) keeps a checkpoint per epoch while
-    training; a restarted run with the same inputs resumes from the last one. It is removed once
-    training succeeds. ``callbacks`` are extra `TrainerCallback`s. Returns the training metrics.
-    """
-    import datasets
-    import torch
-    from transformers import (
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-        DataCollatorWithPadding,
-        EarlyStoppingCallback,
-        TrainingArguments,
-        set_seed,
-    )
-
+def check_hyperparameters(
+    epochs: float, max_steps: int, batch_size: int, eval_batch_size: int
+) -> None:
+    """Refuse settings that cannot train, naming the parameter."""
     if epochs <= 0 and max_steps <= 0:
         raise DataError(f"epochs must be positive, got {epochs}")
     if batch_size < 1 or eval_batch_size < 1:
         raise DataError(f"batch sizes must be at least 1, got {batch_size} and {eval_batch_size}")
+
+
+def load_tokenized(tokenized_dir: str):
+    """The tokenize step's DatasetDict, checked to have train and validation rows."""
+    import datasets
+
     data = datasets.load_from_disk(tokenized_dir)
     for split in ("train", "validation"):
         if split not in data or len(data[split]) == 0:
             raise DataError(f"the tokenized dataset has no rows in split {split!r}")
-    label_names = data["train"].features["label"].names
-    tokenizer = AutoTokenizer.from_pretrained(Path(tokenized_dir, TOKENIZER_DIR))
-    tokenize_info = json.loads(Path(tokenized_dir, STATS_FILE).read_text())
+    return data
 
-    set_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        base_model,
-        revision=base_model_revision or None,
-        num_labels=len(label_names),
-        id2label=dict(enumerate(label_names)),
-        label2id={name: i for i, name in enumerate(label_names)},
-    )
-    flags = precision_flags()
-    checkpoint_dir = checkpoint_dir or f"{out_dir.rstrip('/')}.checkpoints"
-    args = TrainingArguments(
-        output_dir=checkpoint_dir,
-        num_train_epochs=epochs,
-        max_steps=max_steps,
-        learning_rate=learning_rate,
-        per_device_train_batch_size=batch_size,
-        per_device_eval_batch_size=eval_batch_size,
-        weight_decay=weight_decay,
-        warmup_steps=warmup_ratio,
-        max_grad_norm=max_grad_norm,
-        eval_strategy="epoch",
-        save_strategy="epoch",
-        save_total_limit=2,
-        load_best_model_at_end=True,
-        metric_for_best_model="macro_f1",
-        greater_is_better=True,
-        seed=seed,
-        data_seed=seed,
-        logging_strategy="epoch",
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        **flags,
-    )
+
+def clean_up(model_dir: str, checkpoint_dir: str) -> None:
+    """Drop what a finished run no longer needs from the model and checkpoint folders.
+
+    The checkpoints go too: their optimizer state is 3x the model, and a finished run must not
+    be resumed.
+    """
+    Path(model_dir, "training_args.bin").unlink(missing_ok=True)
+    shutil.rmtree(checkpoint_dir)
+
+
+def make_trainer(args, model, data, tokenizer, early_stopping_patience: int, group_by_length: bool):
+    """The Trainer: dynamic padding, macro-F1 model selection, optional early stopping."""
+    import torch
+    from transformers import DataCollatorWithPadding, EarlyStoppingCallback
+
     collator = DataCollatorWithPadding(
         tokenizer, pad_to_multiple_of=8 if torch.cuda.is_available() else None
     )
-    callbacks = list(callbacks or [])
+    callbacks = []
     if early_stopping_patience > 0:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=early_stopping_patience))
-    trainer = _trainer_class(group_by_length)(
+    return _trainer_class(group_by_length)(
         model=model,
         args=args,
         train_dataset=data["train"],
         eval_dataset=data["validation"],
         data_collator=collator,
         processing_class=tokenizer,
-        compute_metrics=_compute_metrics(len(label_names)),
+        compute_metrics=_compute_metrics(data["train"].features[LABEL_COLUMN].num_classes),
         callbacks=callbacks,
     )
-    run_key = {
-        "data": tokenize_info,
-        "rows": data.num_rows,
-        "base_model": [base_model, base_model_revision],
-        "hyperparameters": [
-            epochs,
-            max_steps,
-            learning_rate,
-            batch_size,
-            weight_decay,
-            max_grad_norm,
-            seed,
-        ],
-    }
-    resume_from = _resumable_checkpoint(checkpoint_dir, run_key)
-    if resume_from:
-        log.info("resuming from checkpoint %s", resume_from)
-    result = trainer.train(resume_from_checkpoint=resume_from)
-
-    trainer.save_model(out_dir)  # the best model (load_best_model_at_end), safetensors
-    tokenizer.save_pretrained(out_dir)
-    best = trainer.state.best_metric
-    metrics = {
-        "train_samples_per_second": round(result.metrics["train_samples_per_second"], 3),
-        "train_runtime_s": round(result.metrics["train_runtime"], 2),
-        "train_loss": round(result.training_loss, 5),
-        "epochs_completed": round(trainer.state.epoch or 0.0, 3),
-        "best_validation_macro_f1": round(best, 5) if best is not None else None,
-        "train_rows": len(data["train"]),
-        "validation_rows": len(data["validation"]),
-    }
-    info = {
-        "base_model": base_model,
-        "base_model_revision": base_model_revision,
-        "dataset": tokenize_info["dataset"],
-        "max_length": tokenize_info["max_length"],
-        "labels": label_names,
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "precision": precision_name(flags),
-        "resumed_from": Path(resume_from).name if resume_from else None,
-        "best_checkpoint": trainer.state.best_model_checkpoint,
-        "hyperparameters": {
-            "epochs": epochs,
-            "max_steps": max_steps,
-            "learning_rate": learning_rate,
-            "batch_size": batch_size,
-            "weight_decay": weight_decay,
-            "warmup_ratio": warmup_ratio,
-            "max_grad_norm": max_grad_norm,
-            "early_stopping_patience": early_stopping_patience,
-            "seed": seed,
-        },
-        "train_metrics": metrics,
-    }
-    Path(out_dir, MODEL_INFO_FILE).write_text(json.dumps(info, indent=2))
-    Path(out_dir, "training_args.bin").unlink(missing_ok=True)
-    shutil.rmtree(checkpoint_dir)  # done: optimizer state is 3x the model and must not be resumed
-    return {**metrics, "device": info["device"], "precision": info["precision"]}
 
 
-def _resumable_checkpoint(checkpoint_dir: str, run_key: dict[str, Any]) -> str | None:
+def resumable_checkpoint(checkpoint_dir: str, run_key: dict[str, Any]) -> str | None:
     """The last checkpoint of an interrupted run with the same inputs and settings, if any.
 
     Checkpoints of a different run (other data, model or hyperparameters) are cleared rather
@@ -337,6 +233,7 @@ def train(
     max_steps: int = -1,
     seed: int = 42,
     checkpoint_dir: str = "",
+    group_by_length: bool = True,
 ):
     """Fine-tune a sequence-classification model on the tokenized data.
 
@@ -356,31 +253,112 @@ def train(
         seed: Seed for initialisation, shuffling and dropout.
         checkpoint_dir: Where epoch checkpoints go (mount a volume here so a retried or
             restarted step resumes); empty for a folder next to the model output.
+        group_by_length: Batch texts of similar length (in random batch order) to spend little
+            compute on padding; false for plain shuffled batches.
 
     Returns:
         model: Output HF directory (safetensors, config with id2label, tokenizer, fineserve.json).
         metrics: Output training metrics, including train samples/s.
     """
-    from components.training import train_model
+    arguments = dict(locals())  # first statement: exactly this step's arguments
+    hyperparameters = {  # recorded in fineserve.json; a resumed checkpoint must match them
+        name: value
+        for name, value in arguments.items()
+        if name not in ("tokenized", "model", "metrics", "checkpoint_dir")
+    }
+    import os
 
-    result = train_model(
-        tokenized.path,
-        model.path,
-        base_model=base_model,
-        base_model_revision=base_model_revision,
-        epochs=epochs,
-        learning_rate=learning_rate,
-        batch_size=batch_size,
-        eval_batch_size=eval_batch_size,
-        weight_decay=weight_decay,
-        warmup_ratio=warmup_ratio,
-        max_grad_norm=max_grad_norm,
-        early_stopping_patience=early_stopping_patience,
-        max_steps=max_steps,
-        seed=seed,
-        checkpoint_dir=checkpoint_dir,
+    import torch
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        TrainingArguments,
+        set_seed,
     )
-    model.metadata.update({"framework": "transformers", **result})
-    for name, value in result.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+
+    from fineserve.components import training as step
+    from fineserve.core import artifacts
+
+    step.check_hyperparameters(epochs, max_steps, batch_size, eval_batch_size)
+    data = step.load_tokenized(tokenized.path)
+    label_names = data["train"].features[artifacts.LABEL_COLUMN].names
+    tokenizer = AutoTokenizer.from_pretrained(artifacts.tokenizer_dir(tokenized.path))
+    token_stats = artifacts.read_token_stats(tokenized.path)
+
+    set_seed(seed)
+    classifier = AutoModelForSequenceClassification.from_pretrained(
+        base_model,
+        revision=base_model_revision or None,
+        num_labels=len(label_names),
+        id2label=dict(enumerate(label_names)),
+        label2id={name: i for i, name in enumerate(label_names)},
+    )
+    flags = step.precision_flags()
+    checkpoint_dir = checkpoint_dir or f"{model.path.rstrip('/')}.checkpoints"
+    args = TrainingArguments(
+        output_dir=checkpoint_dir,
+        num_train_epochs=epochs,
+        max_steps=max_steps,
+        learning_rate=learning_rate,
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=eval_batch_size,
+        weight_decay=weight_decay,
+        warmup_steps=warmup_ratio,
+        max_grad_norm=max_grad_norm,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="macro_f1",
+        greater_is_better=True,
+        seed=seed,
+        data_seed=seed,
+        logging_strategy="epoch",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        **flags,
+    )
+    trainer = step.make_trainer(
+        args, classifier, data, tokenizer, early_stopping_patience, group_by_length
+    )
+    run_key = {"data": token_stats, "rows": data.num_rows, "hyperparameters": hyperparameters}
+    resume_from = step.resumable_checkpoint(checkpoint_dir, run_key)
+    if resume_from:
+        step.log.info("resuming from checkpoint %s", resume_from)
+    result = trainer.train(resume_from_checkpoint=resume_from)
+
+    trainer.save_model(model.path)  # the best model (load_best_model_at_end), safetensors
+    tokenizer.save_pretrained(model.path)
+    best = trainer.state.best_metric
+    train_metrics = {
+        "train_samples_per_second": round(result.metrics["train_samples_per_second"], 3),
+        "train_runtime_s": round(result.metrics["train_runtime"], 2),
+        "train_loss": round(result.training_loss, 5),
+        "epochs_completed": round(trainer.state.epoch or 0.0, 3),
+        "best_validation_macro_f1": round(best, 5) if best is not None else None,
+        "train_rows": len(data["train"]),
+        "validation_rows": len(data["validation"]),
+    }
+    info: artifacts.ModelInfo = {
+        "base_model": base_model,
+        "base_model_revision": base_model_revision,
+        "dataset": token_stats["dataset"],
+        "max_length": token_stats["max_length"],
+        "labels": label_names,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "precision": step.precision_name(flags),
+        "resumed_from": os.path.basename(resume_from) if resume_from else None,
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "hyperparameters": hyperparameters,
+        "train_metrics": train_metrics,
+    }
+    artifacts.write_model_info(model.path, info)
+    step.clean_up(model.path, checkpoint_dir)
+    model.metadata.update(
+        {"framework": "transformers", "device": info["device"], "precision": info["precision"]}
+    )
+    for name, value in train_metrics.items():
+        if value is not None:
+            model.metadata[name] = value
             metrics.log_metric(name, value)

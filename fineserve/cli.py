@@ -1,24 +1,24 @@
-"""`fineserve`: compile, run and serve. A thin layer over `pipelines` and `serving`."""
+"""`fineserve`: compile, run and serve; a thin layer over `fineserve.pipelines` and `.serving`."""
 
 import argparse
 import logging
 import sys
 from pathlib import Path
 
-from components.errors import DataError
+from fineserve.core.errors import DataError, ParameterError
 
 
 def _compile(args: argparse.Namespace) -> None:
     from kfp import compiler
 
-    from pipelines.training import training_pipeline
+    from fineserve.pipelines.training_pipeline import training_pipeline
 
     compiler.Compiler().compile(training_pipeline, args.output)
     print(f"wrote {args.output}: upload it in the Kubeflow UI (Pipelines > Upload pipeline)")
 
 
 def _user_values(args: argparse.Namespace) -> dict:
-    from pipelines.params import load_params_file, parse_assignments
+    from fineserve.pipelines.parameters import load_params_file, parse_assignments
 
     values = load_params_file(args.params) if args.params else {}
     values.update(parse_assignments(args.param))
@@ -26,9 +26,9 @@ def _user_values(args: argparse.Namespace) -> dict:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from pipelines.local import run_local
-    from pipelines.params import local_run_arguments
-    from pipelines.training import training_pipeline
+    from fineserve.pipelines.local_run import run_local
+    from fineserve.pipelines.parameters import local_run_arguments
+    from fineserve.pipelines.training_pipeline import training_pipeline
 
     if not args.local:
         raise SystemExit(
@@ -44,22 +44,22 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _params(args: argparse.Namespace) -> None:
-    from pipelines.params import parameter_types
-    from pipelines.training import training_pipeline
+    from fineserve.pipelines.parameters import parameter_types
+    from fineserve.pipelines.training_pipeline import training_pipeline
 
     for name, (kind, default) in parameter_types(training_pipeline).items():
         print(f"{name:<24} {kind.__name__:<6} {default!r}")
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from serving.cli import run_serve
+    from fineserve.serving.entrypoint import run_serve
 
     run_serve(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The `fineserve` command line."""
-    from serving.cli import add_serve_arguments
+    from fineserve.serving.entrypoint import add_serve_arguments
 
     parser = argparse.ArgumentParser(prog="fineserve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -99,8 +99,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `fineserve` console script."""
-    from pipelines.params import ParameterError
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
     try:

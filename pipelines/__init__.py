@@ -1,1 +1,1 @@
-"""The training DAG and its compile / local-run entry points."""
+"""The training DAG, its parameters, and the local runner."""

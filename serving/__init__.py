@@ -1,5 +1,5 @@
-"""KServe predictor for fineserve models (run as `python -m serving`).
+"""KServe predictor for fineserve models (run as `python -m fineserve.serving`).
 
-`serving.cli` holds the command lines, `serving.predictor` the `kserve.Model`,
-`serving.batcher` the dynamic batcher and `serving.engine` the tokenizer + model.
+`entrypoint` holds the command lines, `predictor` the `kserve.Model`, `batcher` the dynamic
+batcher, `engine` the tokenizer + model, `prometheus_metrics` what `/metrics` adds.
 """

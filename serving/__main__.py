@@ -1,6 +1,6 @@
-"""`python -m serving --model_name NAME --model_dir DIR`: how KServe runs a custom predictor."""
+"""`python -m fineserve.serving --model_name NAME --model_dir DIR`: KServe's custom predictor."""
 
-from serving.cli import main
+from fineserve.serving.entrypoint import main
 
 if __name__ == "__main__":
     main()

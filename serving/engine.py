@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -13,7 +12,9 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from serving.unpad import UnpaddedLinears
+from fineserve.core.artifacts import ModelInfo, read_model_info
+from fineserve.core.errors import DataError
+from fineserve.serving.unpad import UnpaddedLinears
 
 logger = logging.getLogger(__name__)
 
@@ -90,24 +91,18 @@ def plan_workers(device: torch.device, forward_workers: int = 0) -> tuple[int, i
 
 def read_model_version(model_dir: Path) -> str:
     """`model_version` from fineserve.json, else $FINESERVE_MODEL_VERSION, else "unknown"."""
-    meta = _read_fineserve_json(model_dir)
-    version = meta.get("model_version")
+    version = _model_info(model_dir).get("model_version")
     if version not in (None, ""):
         return str(version)
     return os.environ.get("FINESERVE_MODEL_VERSION") or "unknown"
 
 
-def _read_fineserve_json(model_dir: Path) -> dict:
-    path = model_dir / "fineserve.json"
-    if not path.is_file():
-        return {}
+def _model_info(model_dir: Path) -> ModelInfo:
+    """The directory's `fineserve.json`; {} for a model trained elsewhere."""
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelDirError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(meta, dict):
-        raise ModelDirError(f"{path} must hold a JSON object")
-    return meta
+        return read_model_info(model_dir, missing_ok=True)
+    except DataError as exc:
+        raise ModelDirError(str(exc)) from exc
 
 
 @dataclass(frozen=True)
@@ -216,7 +211,7 @@ class TextClassifier:
     def _max_length(self) -> int:
         limit = self.tokenizer.model_max_length
         if not limit or limit >= _NO_LIMIT:
-            limit = _read_fineserve_json(self.model_dir).get("max_length") or _NO_LIMIT
+            limit = _model_info(self.model_dir).get("max_length") or _NO_LIMIT
         positions = getattr(self.model.config, "max_position_embeddings", None)
         if positions:
             limit = min(int(limit), int(positions))

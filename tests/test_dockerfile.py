@@ -317,11 +317,12 @@ def test_entrypoint_is_the_predictor_with_kserve_style_default_args(dockerfile):
     entrypoints = final.all("ENTRYPOINT")
     assert entrypoints, "final stage has no ENTRYPOINT"
     entry = entrypoints[-1].exec_form()
-    assert entry == ["python", "-m", "serving"], (
-        f"ENTRYPOINT must be exec form ['python', '-m', 'serving'] (signals reach Python), "
+    assert entry == ["python", "-m", "fineserve.serving"], (
+        "ENTRYPOINT must be exec form ['python', '-m', 'fineserve.serving'] (signals reach "
+        f"Python), "
         f"got {entrypoints[-1].value}"
     )
-    assert importlib.util.find_spec("serving.__main__"), "serving/__main__.py is missing"
+    assert importlib.util.find_spec("fineserve.serving.__main__"), "serving/__main__.py is missing"
     cmds = final.all("CMD")
     cmd = cmds[-1].exec_form() if cmds else None
     assert cmd and "--model_dir=/mnt/models" in cmd, (

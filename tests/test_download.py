@@ -10,9 +10,10 @@ from pathlib import Path
 import datasets
 import pandas as pd
 import pytest
+from steps import download_dataset
 
-from components.download import download_dataset, read_metadata
-from components.errors import DataError
+from fineserve.core.artifacts import read_dataset_metadata as read_metadata
+from fineserve.core.errors import DataError
 
 
 def _load(out: Path) -> datasets.DatasetDict:

@@ -8,7 +8,6 @@ deserializer into the kserve SDK's typed models and written back: a field the SD
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -190,7 +189,7 @@ def test_predictor_runs_the_image_entrypoint_on_the_kserve_model_dir(base):
     assert container["name"] == "kserve-container", (
         "KServe reads STORAGE_URI (and mounts /mnt/models) only for the `kserve-container`"
     )
-    assert container.get("command") in (None, ["python", "-m", "serving"]), (
+    assert container.get("command") in (None, ["python", "-m", "fineserve.serving"]), (
         f"the predictor should use the image ENTRYPOINT (python -m serving): {container['command']}"
     )
     assert container["image"].split(":")[0] == _default_image().split(":")[0], (
@@ -213,17 +212,15 @@ def test_predictor_runs_the_image_entrypoint_on_the_kserve_model_dir(base):
 
 @pytest.mark.parametrize("kustomization", [BASE, *OVERLAYS], ids=lambda p: p.name)
 def test_predictor_args_parse_with_the_serving_command_line(kustomization):
-    """`python -m serving` rejects unknown flags: a bad arg is a CrashLoopBackOff."""
-    if importlib.util.find_spec("serving.cli") is None:
-        pytest.skip("serving.cli (the `python -m serving` parser) does not exist yet")
-    from serving.cli import build_parser
+    """`python -m fineserve.serving` rejects unknown flags: a bad arg is a CrashLoopBackOff."""
+    from fineserve.serving.entrypoint import build_parser
 
     container = predictor_container(kustomize(kustomization))
     args = container.get("args", [])
     try:
         parsed = build_parser().parse_args(args)
     except SystemExit as exc:
-        raise AssertionError(f"`python -m serving` rejects the predictor args {args}") from exc
+        raise AssertionError(f"the predictor's command line rejects its args {args}") from exc
     assert parsed.model_dir == "/mnt/models"
     ports = [p["containerPort"] for p in container["ports"]]
     assert parsed.http_port in ports, f"serving listens on {parsed.http_port}, pod port {ports}"
@@ -374,7 +371,7 @@ def test_mlflow_service_reaches_the_pod_and_matches_the_cluster_tracking_uri(bas
     assert target in ports or target in ports.values(), f"targetPort {target} is not a pod port"
     assert ports.get(target, target) == int(_flag(container["args"], "--port") or 5000)
 
-    from fineserve import defaults
+    from fineserve.core import defaults
 
     uri = getattr(defaults, "CLUSTER_TRACKING_URI", None)
     if uri is None:
@@ -408,6 +405,6 @@ def test_mlflow_accepts_the_in_cluster_host_headers_only(base):
 
 
 def _default_image() -> str:
-    from fineserve.defaults import DEFAULT_IMAGE
+    from fineserve.core.defaults import DEFAULT_IMAGE
 
     return DEFAULT_IMAGE

@@ -6,15 +6,15 @@ import sys
 import pytest
 import yaml
 
-from components import download, evaluation, registration, tokenization, training
-from pipelines.params import (
-    ParameterError,
+from fineserve.components import download, evaluation, registration, tokenization, training
+from fineserve.core.errors import ParameterError
+from fineserve.pipelines.parameters import (
     load_params_file,
     local_run_arguments,
     parse_assignments,
     validate,
 )
-from pipelines.training import training_pipeline
+from fineserve.pipelines.training_pipeline import training_pipeline
 
 TASKS = {"download", "tokenize", "train", "evaluate", "register"}
 
@@ -110,7 +110,7 @@ def test_parameters_are_typed_from_the_pipeline():
 
 
 def _types():
-    from pipelines.params import parameter_types
+    from fineserve.pipelines.parameters import parameter_types
 
     return parameter_types(training_pipeline)
 
@@ -145,7 +145,7 @@ def test_assignments_and_params_file(tmp_path):
 
 
 def test_local_defaults_are_offline_and_yield_to_user_data(tmp_path):
-    from fineserve.defaults import offline_base_model, offline_corpus_path
+    from fineserve.core.defaults import offline_base_model, offline_corpus_path
 
     default = local_run_arguments(training_pipeline, {}, root=tmp_path)
     assert default["dataset"] == offline_corpus_path()

@@ -5,11 +5,11 @@ import shutil
 
 import mlflow
 import pytest
+from steps import register_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from components.errors import DataError
-from components.registration import register_model
-from components.training import MODEL_INFO_FILE
+from fineserve.core.artifacts import MODEL_INFO_FILE
+from fineserve.core.errors import DataError
 
 RESULTS = {
     "label_names": ["negative", "neutral", "positive"],
@@ -56,15 +56,17 @@ def evaluation(tmp_path):
 
 
 def _register(model_dir, evaluation, tmp_path, run_id="run-1"):
-    return register_model(
+    tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
+    outputs = register_model(
         str(model_dir),
         *evaluation,
         model_name="sentiment",
         pipeline_run_id=run_id,
-        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+        tracking_uri=tracking_uri,
         artifact_location=str(tmp_path / "artifacts"),
         image="example.org/fineserve:1",
     )
+    return {**outputs, "tracking_uri": tracking_uri}
 
 
 def test_registers_a_version_with_alias_tags_metrics_and_report(model_dir, evaluation, tmp_path):

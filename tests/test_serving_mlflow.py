@@ -8,8 +8,9 @@ import httpx
 import pytest
 from serving_helpers import ServerProcess, v2_body
 
-from serving.engine import TextClassifier
-from serving.model_uri import pin_registry_version, resolve_model_dir
+from fineserve.core.registry import pin_registry_version
+from fineserve.serving.engine import TextClassifier
+from fineserve.serving.model_uri import resolve_model_dir
 
 NAME = "fineserve-tiny"
 
@@ -96,7 +97,7 @@ class FineserveServe(ServerProcess):
 
 _FINESERVE_SERVE = (
     "import argparse, sys\n"
-    "from serving.cli import add_serve_arguments, run_serve\n"
+    "from fineserve.serving.entrypoint import add_serve_arguments, run_serve\n"
     "parser = argparse.ArgumentParser(prog='fineserve serve')\n"
     "add_serve_arguments(parser)\n"
     "run_serve(parser.parse_args(sys.argv[1:]))\n"

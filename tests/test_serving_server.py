@@ -15,7 +15,7 @@ from kserve.protocol.infer_type import InferInput, InferRequest
 from prometheus_client.parser import text_string_to_metric_families
 from serving_helpers import ServerProcess, serve_module_argv, v2_body
 
-from serving.engine import TextClassifier
+from fineserve.serving.engine import TextClassifier
 
 MODEL = "tiny"
 VERSION = "v7"

@@ -14,11 +14,16 @@ import numpy as np
 import pytest
 import torch
 
-from serving.batcher import DynamicBatcher
-from serving.cli import add_serve_arguments, build_parser, default_model_name, options_from_args
-from serving.engine import ModelDirError, TextClassifier, plan_chunks, read_model_version
-from serving.model_uri import find_hf_dir, resolve_model_dir
-from serving.unpad import UnpaddedLinears
+from fineserve.serving.batcher import DynamicBatcher
+from fineserve.serving.engine import ModelDirError, TextClassifier, plan_chunks, read_model_version
+from fineserve.serving.entrypoint import (
+    add_serve_arguments,
+    build_parser,
+    default_model_name,
+    options_from_args,
+)
+from fineserve.serving.model_uri import find_hf_dir, resolve_model_dir
+from fineserve.serving.unpad import UnpaddedLinears
 
 
 @pytest.fixture(scope="module")
@@ -336,7 +341,7 @@ def test_unpadded_linears_keep_each_threads_mask_apart(tiny_classifier):
 def test_classifier_runs_padded_passes_when_unpadding_changes_outputs(
     tiny_classifier, monkeypatch, caplog
 ):
-    from serving import engine
+    from fineserve.serving import engine
 
     monkeypatch.setitem(engine._UNPAD_TOLERANCE, torch.float32, -1.0)  # any drift is too much
     classifier = TextClassifier(tiny_classifier, device="cpu")

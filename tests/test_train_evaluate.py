@@ -7,19 +7,18 @@ import datasets
 import numpy as np
 import pytest
 from sklearn import metrics as skm
+from steps import download_dataset, evaluate_model, tokenize_dataset, train_model
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    TrainerCallback,
+    Trainer,
 )
 
-from components.download import download_dataset
-from components.errors import DataError
-from components.evaluation import evaluate_model, summary_metrics
-from components.metrics import ClassificationReport, bootstrap_ci
-from components.tokenization import tokenize_dataset
-from components.training import MODEL_INFO_FILE, LengthBucketSampler, train_model
+from fineserve.components.classification_metrics import ClassificationReport, bootstrap_ci
+from fineserve.components.training import LengthBucketSampler
+from fineserve.core.artifacts import MODEL_INFO_FILE, summary_metrics
+from fineserve.core.errors import DataError
 
 FAST = {"epochs": 2.0, "learning_rate": 1e-3, "batch_size": 16}
 
@@ -130,22 +129,19 @@ def test_train_learns_a_learnable_task(tiny_base_model, tmp_path):
     assert result["model"]["accuracy"] > 0.9
 
 
-class _KilledAfterFirstCheckpoint(TrainerCallback):
-    def on_save(self, args, state, control, **kwargs):
+def test_resumes_from_the_checkpoint_of_an_interrupted_run(
+    tokenized_dir, tiny_base_model, trained_dir, tmp_path, monkeypatch
+):
+    save_checkpoint = Trainer._save_checkpoint
+
+    def save_then_die(self, *args, **kwargs):
+        save_checkpoint(self, *args, **kwargs)
         raise KeyboardInterrupt("killed after the first checkpoint")
 
-
-def test_resumes_from_the_checkpoint_of_an_interrupted_run(
-    tokenized_dir, tiny_base_model, trained_dir, tmp_path
-):
     args = {"base_model": str(tiny_base_model), "checkpoint_dir": str(tmp_path / "ckpt"), **FAST}
-    with pytest.raises(KeyboardInterrupt):
-        train_model(
-            str(tokenized_dir),
-            str(tmp_path / "m"),
-            callbacks=[_KilledAfterFirstCheckpoint()],
-            **args,
-        )
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(Trainer, "_save_checkpoint", save_then_die)
+        train_model(str(tokenized_dir), str(tmp_path / "m"), **args)
     assert (tmp_path / "ckpt" / "checkpoint-15").exists()
     resumed = train_model(str(tokenized_dir), str(tmp_path / "m"), **args)
     info = json.loads((tmp_path / "m" / MODEL_INFO_FILE).read_text())

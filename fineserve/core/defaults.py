@@ -1,4 +1,4 @@
-"""Where the offline defaults live, and the defaults for a cluster run."""
+"""Defaults: where the offline checkpoint and corpus live, and the cluster run's defaults."""
 
 from __future__ import annotations
 

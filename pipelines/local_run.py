@@ -5,7 +5,6 @@ installed), streams its logs, and writes its artifacts under ``output_dir/<run n
 """
 
 import contextlib
-import json
 import os
 import sys
 import time
@@ -13,9 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from components.evaluation import summary_metrics
-from components.training import MODEL_INFO_FILE
-from pipelines.training import PIPELINE_NAME, build_training_pipeline
+from fineserve.core.artifacts import (
+    CHALLENGER,
+    read_evaluation_results,
+    read_model_info,
+    summary_metrics,
+)
+from fineserve.pipelines.training_pipeline import PIPELINE_NAME, build_training_pipeline
 
 
 @dataclass
@@ -49,11 +52,11 @@ class LocalRun:
             f"{self.train_info['device']} ({self.train_info['precision']})",
             f"  MLflow run {self.outputs['mlflow_run_id']} in experiment "
             f"{arguments['experiment_name']!r} at {arguments['tracking_uri']}",
-            f"  model version {name} v{version} (alias @challenger)",
+            f"  model version {name} v{version} (alias @{CHALLENGER})",
             f"  artifacts: {self.run_dir}",
             f"    model {self.run_dir / 'train' / 'model'}",
             f"    report {self.run_dir / 'evaluate' / 'report'}",
-            f"  serve it: fineserve serve --model-uri models:/{name}@challenger",
+            f"  serve it: fineserve serve --model-uri models:/{name}@{CHALLENGER}",
         ]
         return "\n".join(lines)
 
@@ -98,8 +101,8 @@ def run_local(arguments: dict[str, Any], output_dir: str | Path) -> LocalRun:
         task = build_training_pipeline(download_retries=0)(**arguments)
     seconds = time.monotonic() - started
     (run_dir,) = set(output_dir.glob(f"{PIPELINE_NAME}-*")) - before
-    results = json.loads((run_dir / "evaluate" / "results").read_text())
-    train_info = json.loads((run_dir / "train" / "model" / MODEL_INFO_FILE).read_text())
+    results = read_evaluation_results(run_dir / "evaluate" / "results")
+    train_info = read_model_info(run_dir / "train" / "model")
     return LocalRun(
         run_dir=run_dir,
         outputs=dict(task.outputs),

@@ -3,6 +3,7 @@
 Logged with `mlflow.pyfunc.log_model(python_model=<this file>, artifacts={"hf_model": dir})`,
 so `mlflow.pyfunc.load_model("models:/NAME@challenger").predict(["some text"])` works with only
 MLflow and transformers installed. KServe loads `artifacts/hf_model` directly instead.
+This file is loaded on its own, without fineserve, so it imports nothing from it.
 """
 
 import mlflow
@@ -10,15 +11,17 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 
-class TextClassifier(PythonModel):
+class TransformersPyfunc(PythonModel):
     """Text in, `label` (class name) and `score` (its probability) out."""
 
     def load_context(self, context) -> None:
+        """Build a transformers text-classification pipeline over the `hf_model` artifact."""
         from transformers import pipeline
 
         self._classify = pipeline("text-classification", model=context.artifacts["hf_model"])
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        """Classify a column (or list) of texts."""
         if isinstance(model_input, pd.DataFrame):
             texts = model_input.iloc[:, 0].astype(str).tolist()
         else:
@@ -29,4 +32,4 @@ class TextClassifier(PythonModel):
         )
 
 
-mlflow.models.set_model(TextClassifier())
+mlflow.models.set_model(TransformersPyfunc())

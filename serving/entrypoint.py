@@ -1,4 +1,4 @@
-"""Command lines: `python -m serving` (KServe style) and `fineserve serve` (dash style)."""
+"""Command lines: `python -m fineserve.serving` (KServe style) and `fineserve serve`."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import argparse
 from dataclasses import fields
 from pathlib import Path
 
-from serving.engine import UNPAD_MODES
-from serving.predictor import ServeOptions
+from fineserve.serving.engine import UNPAD_MODES
+from fineserve.serving.predictor import ServeOptions
 
 _DEFAULTS = ServeOptions()
 #: (option, type, help) of the predictor knobs; defaults come from ServeOptions.
@@ -57,11 +57,11 @@ def options_from_args(args: argparse.Namespace) -> ServeOptions:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """`python -m serving`: KServe's ModelServer options plus --model_dir and the knobs."""
+    """`python -m fineserve.serving`: KServe's ModelServer options, --model_dir, the knobs."""
     from kserve import model_server
 
     parser = argparse.ArgumentParser(
-        prog="python -m serving",
+        prog="python -m fineserve.serving",
         parents=[model_server.parser],
         description="Serve a fineserve text classifier with KServe (v1/v2 REST, v2 gRPC).",
     )
@@ -71,9 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of `python -m serving`."""
-    from serving.model_uri import find_hf_dir
-    from serving.server import serve
+    """Entry point of `python -m fineserve.serving`."""
+    from fineserve.serving.model_uri import find_hf_dir
+    from fineserve.serving.server import serve
 
     args = build_parser().parse_args(argv)
     serve(
@@ -113,7 +113,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--tracking-uri",
         dest="tracking_uri",
         default=None,
-        help="MLflow tracking URI for --model-uri (default: $MLFLOW_TRACKING_URI).",
+        help="MLflow tracking URI for --model-uri (default: $MLFLOW_TRACKING_URI, else "
+        "./mlflow.db as `fineserve run --local` writes it).",
     )
     parser.add_argument("--http-port", dest="http_port", type=int, default=8080)
     parser.add_argument("--grpc-port", dest="grpc_port", type=int, default=8081)
@@ -122,26 +123,27 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def default_model_name(model_uri: str | None) -> str:
     """NAME of ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``; otherwise "model"."""
-    if model_uri and model_uri.startswith("models:/"):
-        name = model_uri[len("models:/") :].split("@", 1)[0].split("/", 1)[0]
-        if name:
-            return name
+    from fineserve.core.registry import MODELS_SCHEME, parse_models_uri
+
+    if model_uri and model_uri.startswith(MODELS_SCHEME):
+        return parse_models_uri(model_uri)[0] or "model"
     return "model"
 
 
 def run_serve(args: argparse.Namespace) -> None:
     """Resolve the model (downloading a --model-uri through MLflow), then serve it."""
-    from serving.model_uri import find_hf_dir, pin_registry_version, resolve_model_dir
-    from serving.server import serve
+    from fineserve.core.registry import mlflow_client, pin_registry_version, resolve_tracking_uri
+    from fineserve.serving.model_uri import find_hf_dir, resolve_model_dir
+    from fineserve.serving.server import serve
 
     options = options_from_args(args)  # fail on bad knobs before any download
     version = None
     if args.model_uri:
-        if args.tracking_uri:
-            import mlflow
+        import mlflow
 
-            mlflow.set_tracking_uri(args.tracking_uri)
-        uri, version = pin_registry_version(args.model_uri)
+        tracking_uri = resolve_tracking_uri(args.tracking_uri)
+        mlflow.set_tracking_uri(tracking_uri)
+        uri, version = pin_registry_version(args.model_uri, mlflow_client(tracking_uri))
         model_dir = resolve_model_dir(uri)
     else:
         model_dir = find_hf_dir(Path(args.model_dir))

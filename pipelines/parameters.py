@@ -12,7 +12,8 @@ from typing import Any
 
 import yaml
 
-from fineserve.defaults import local_tracking_uri, offline_base_model, offline_corpus_path
+from fineserve.core.defaults import local_tracking_uri, offline_base_model, offline_corpus_path
+from fineserve.core.errors import ParameterError
 
 _TYPES = {"String": str, "Integer": int, "Float": float, "Boolean": bool}
 _TRUE, _FALSE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off"}
@@ -34,10 +35,6 @@ OFFLINE_DATA_DEFAULTS: dict[str, Any] = {
     "text_column": "text",
     "label_column": "sentiment",
 }
-
-
-class ParameterError(ValueError):
-    """A pipeline parameter that is unknown, malformed or of the wrong type."""
 
 
 def parameter_types(pipeline) -> dict[str, tuple[type, Any]]:

@@ -1,0 +1,140 @@
+"""The training DAG: download → tokenize → train → evaluate → register.
+
+Every step parameter is a pipeline parameter (see `fineserve.pipelines.step_parameters`): a
+knob added to a component appears here, in `fineserve params` and in the Kubeflow UI with no
+further edit. The defaults are the cluster defaults (a Hub checkpoint and a Hub dataset);
+`fineserve.pipelines.parameters.LOCAL_RUN_DEFAULTS` swaps in the offline ones for local runs.
+"""
+
+from typing import Any, NamedTuple
+
+from kfp import dsl
+
+from fineserve.components.download import download
+from fineserve.components.evaluation import evaluate
+from fineserve.components.registration import register
+from fineserve.components.tokenization import tokenize
+from fineserve.components.training import train
+from fineserve.core.defaults import (
+    CLUSTER_BASE_MODEL,
+    CLUSTER_DATASET,
+    CLUSTER_DATASET_CONFIG,
+    CLUSTER_TRACKING_URI,
+    component_image,
+)
+from fineserve.pipelines.step_parameters import Step, pipeline_function, pipeline_parameters
+
+PIPELINE_NAME = "fineserve-training"
+DESCRIPTION = (
+    "Fine-tune a Hugging Face text classifier, evaluate it against a TF-IDF baseline, and "
+    "register it in MLflow with the alias `challenger`."
+)
+DOWNLOAD_RETRIES = 3
+
+
+class TrainingOutputs(NamedTuple):
+    """What a run yields: test scores and the registered version with its storage URI."""
+
+    accuracy: float
+    macro_f1: float
+    model_version: str
+    storage_uri: str
+    mlflow_run_id: str
+
+
+OUTPUT_DOCS = {
+    "accuracy": "Test accuracy of the fine-tuned model.",
+    "macro_f1": "Test macro-F1 of the fine-tuned model.",
+    "model_version": "The MLflow model version registered (alias `challenger`).",
+    "storage_uri": "Where that version's HF directory is stored (a KServe `storageUri`).",
+    "mlflow_run_id": "The MLflow run holding parameters, metrics and the report.",
+}
+
+DOWNLOAD = Step(
+    download,
+    renamed={"source": "dataset", "config": "dataset_config", "revision": "dataset_revision"},
+)
+TOKENIZE = Step(tokenize)
+TRAIN = Step(train)
+EVALUATE = Step(evaluate, hidden=("batch_size",))
+REGISTER = Step(register, hidden=("alias", "image", "pipeline_run_id"))
+STEPS = [DOWNLOAD, TOKENIZE, TRAIN, EVALUATE, REGISTER]
+
+#: Where the pipeline's default differs from the step's: the cluster run's data, model, MLflow.
+CLUSTER_DEFAULTS: dict[str, Any] = {
+    "dataset": CLUSTER_DATASET,
+    "dataset_config": CLUSTER_DATASET_CONFIG,
+    "base_model": CLUSTER_BASE_MODEL,
+    "model_name": "fineserve-classifier",
+    "tracking_uri": CLUSTER_TRACKING_URI,
+}
+
+
+def pipeline_settings(gpu_limit: int = 1) -> None:
+    """Parameters of the pipeline itself, not of one step's function.
+
+    Args:
+        gpu_limit: GPUs requested by the train step.
+    """
+
+
+def build_training_pipeline(download_retries: int = DOWNLOAD_RETRIES):
+    """The DAG, with ``download_retries`` retries (backoff 30 s, doubling) on the download step.
+
+    Local runs use 0: there a failed download is nearly always bad input, reported at once.
+    """
+    parameters, descriptions = pipeline_parameters(
+        STEPS, defaults=CLUSTER_DEFAULTS, extra=pipeline_settings
+    )
+
+    def dag(values: dict[str, Any]) -> TrainingOutputs:
+        data = download(**DOWNLOAD.arguments(values))
+        data.set_display_name("download")
+        if download_retries:
+            data.set_retry(num_retries=download_retries, backoff_duration="30s")
+
+        tokens = tokenize(dataset=data.outputs["dataset"], **TOKENIZE.arguments(values))
+        tokens.set_display_name("tokenize")
+
+        trained = train(tokenized=tokens.outputs["tokenized"], **TRAIN.arguments(values))
+        trained.set_display_name("train")
+        trained.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(values["gpu_limit"])
+        trained.set_cpu_request("2").set_memory_request("8G")
+
+        scored = evaluate(
+            dataset=data.outputs["dataset"],
+            model=trained.outputs["model"],
+            **EVALUATE.arguments(values),
+        )
+        scored.set_display_name("evaluate")
+
+        registered = register(
+            model=trained.outputs["model"],
+            results=scored.outputs["results"],
+            report=scored.outputs["report"],
+            image=component_image(),
+            **REGISTER.arguments(values),
+        )
+        registered.set_display_name("register")
+
+        return TrainingOutputs(
+            accuracy=scored.outputs["accuracy"],
+            macro_f1=scored.outputs["macro_f1"],
+            model_version=registered.outputs["model_version"],
+            storage_uri=registered.outputs["storage_uri"],
+            mlflow_run_id=registered.outputs["run_id"],
+        )
+
+    func = pipeline_function(
+        "training_pipeline",
+        dag,
+        parameters,
+        descriptions,
+        summary="Fine-tune, evaluate and register a text classifier.",
+        returns=TrainingOutputs,
+        returns_doc=OUTPUT_DOCS,
+    )
+    return dsl.pipeline(name=PIPELINE_NAME, description=DESCRIPTION)(func)
+
+
+training_pipeline = build_training_pipeline()
