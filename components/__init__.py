@@ -1,6 +1,6 @@
-"""KFP components, one module per step: a `@component` function that documents every argument
-and does the step, on plain helper functions that the tests call directly.
+"""KFP components, one module per step, each a documented `@component` function on helpers.
 
-A step reads its predecessors' artifacts through `fineserve.core.artifacts`, never by importing
-another step's module.
+The `@component` function documents every argument and does the step; its plain helper
+functions are what the unit tests call. A step reads its predecessors' artifacts through
+`fineserve.core.artifacts`, never by importing another step's module.
 """

@@ -25,9 +25,13 @@ class Job(Protocol):
 class BatchRunner(Protocol):
     """Splits a batch into forward passes and runs them (both called in worker threads)."""
 
-    def plan(self, texts: list[str]) -> Sequence[Job]: ...
+    def plan(self, texts: list[str]) -> Sequence[Job]:
+        """Cut ``texts`` into jobs (forward passes), in the order they should run."""
+        ...
 
-    def run(self, job: Job) -> np.ndarray: ...
+    def run(self, job: Job) -> np.ndarray:
+        """Run one job; its probabilities, a row per text."""
+        ...
 
 
 @dataclass

@@ -221,6 +221,7 @@ class TextClassifier:
 
     @property
     def num_labels(self) -> int:
+        """How many classes the model tells apart."""
         return len(self.labels)
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:

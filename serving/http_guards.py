@@ -62,6 +62,7 @@ class DeclaredSizeGuard:
         self.max_request_bytes = max_request_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer 413 at once for a declared size over the limit; pass anything else on."""
         if scope["type"] == "http":
             declared = Headers(scope=scope).get("content-length", "")
             if declared.isdigit() and int(declared) > self.max_request_bytes:
@@ -105,6 +106,7 @@ class GuardedDataPlane(DataPlane):
     def decode_inference_request(
         self, body: bytes | InferenceRequest, headers: dict, model_name: str
     ) -> InferRequest:
+        """Decode a v2 body, turning a malformed one into InvalidInput (a 400)."""
         if isinstance(body, bytes) and INFERENCE_CONTENT_LENGTH_HEADER not in headers:
             raise InvalidInput(
                 f"request body has Content-Type {headers.get('content-type', '(none)')!r}: "
@@ -130,6 +132,7 @@ class ClientErrorsAsWarnings(logging.Filter):
     CLIENT_ERRORS = (InvalidInput, ModelNotFound)
 
     def filter(self, record: logging.LogRecord) -> bool:
+        """Turn a client error's ERROR with traceback into one WARNING line; keep the rest."""
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, self.CLIENT_ERRORS):
             record.levelno, record.levelname = logging.WARNING, "WARNING"

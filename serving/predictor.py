@@ -110,9 +110,11 @@ class TextClassifierModel(Model):
         return self.ready
 
     def get_input_types(self) -> list[dict]:
+        """The v2 model metadata of the inputs."""
         return protocol.input_metadata()
 
     def get_output_types(self) -> list[dict]:
+        """The v2 model metadata of the outputs."""
         return protocol.output_metadata(self.classifier.num_labels)
 
     async def predict(

@@ -4,14 +4,18 @@ import ast
 import builtins
 import shutil
 import subprocess
-import sys
 import symtable
-import tomllib
+import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 import yaml
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Layers, bottom up: a module may import from its own layer and those below, never above.

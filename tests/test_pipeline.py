@@ -155,3 +155,67 @@ def test_local_defaults_are_offline_and_yield_to_user_data(tmp_path):
     assert default["gpu_limit"] == 0
     own = local_run_arguments(training_pipeline, {"dataset": "mine.csv"}, root=tmp_path)
     assert own["label_column"] == "label" and own["encoding"] == "utf-8"
+
+
+def _step_parameter_cases():
+    from fineserve.pipelines.training_pipeline import STEPS
+
+    return [(step, p) for step in STEPS for p in step.parameters()]
+
+
+@pytest.mark.parametrize(
+    ("step", "parameter"), _step_parameter_cases(), ids=lambda x: getattr(x, "name", "")
+)
+def test_each_step_parameter_is_a_pipeline_parameter_with_its_type_default_and_doc(step, parameter):
+    from fineserve.pipelines.training_pipeline import CLUSTER_DEFAULTS
+
+    exposed = training_pipeline.component_spec.inputs[parameter.name]
+    own = step.component.component_spec.inputs[parameter.step_name]
+    assert exposed.type == own.type
+    assert exposed.default == CLUSTER_DEFAULTS.get(parameter.name, own.default)
+    assert own.description and " ".join(own.description.split()) in exposed.description
+
+
+def test_pipeline_parameters_are_the_steps_and_nothing_else():
+    from fineserve.pipelines.training_pipeline import STEPS
+
+    from_steps = {p.name for step in STEPS for p in step.parameters()}
+    assert set(training_pipeline.component_spec.inputs) == from_steps | {"gpu_limit"}
+
+
+def test_steps_that_share_a_parameter_must_agree_on_it():
+    from kfp import dsl
+
+    from fineserve.pipelines.step_parameters import Step, pipeline_parameters
+
+    @dsl.component
+    def one(seed: int = 1):
+        """One.
+
+        Args:
+            seed: A seed.
+        """
+
+    @dsl.component
+    def two(seed: int = 2):
+        """Two.
+
+        Args:
+            seed: Another seed.
+        """
+
+    def no_extra() -> None:
+        """Nothing."""
+
+    with pytest.raises(
+        TypeError,
+        match=r"'seed': steps disagree on its type or default \(int = 1 vs int = 2 in 'two'\)",
+    ):
+        pipeline_parameters([Step(one), Step(two)], defaults={}, extra=no_extra)
+    parameters, docs = pipeline_parameters(
+        [Step(one), Step(two)], defaults={"seed": 7}, extra=no_extra
+    )
+    assert [(p.name, p.default) for p in parameters] == [("seed", 7)]
+    assert docs["seed"] == "one: A seed. two: Another seed."
+    with pytest.raises(TypeError, match=r"step 'one' has no parameters \['sed'\]"):
+        Step(one, hidden=("sed",)).parameters()
