@@ -141,6 +141,30 @@ def test_the_distribution_installs_only_the_fineserve_namespace(tmp_path):
         assert f"fineserve/{module}" in names
     assert "fineserve/serving/__main__.py" in names  # the image's ENTRYPOINT module
 
+    # installed (not editable), away from the source tree: the ENTRYPOINT module starts
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target)]
+        + [str(wheel)],
+        check=True,
+        capture_output=True,
+    )
+    probe = (
+        "import runpy, sys, fineserve.serving.entrypoint as e; print(e.__file__); "
+        "sys.argv = ['x', '--help']; runpy.run_module('fineserve.serving', run_name='__main__')"
+    )
+    shown = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith(str(target))
+    assert "--model_dir" in shown.stdout
+
 
 @pytest.fixture(scope="module")
 def step_sources(tmp_path_factory) -> dict[str, str]:
