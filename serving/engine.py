@@ -30,6 +30,9 @@ _UNPAD_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e
 #: Padded tokens per forward pass when not configured: CPU throughput peaks around 512
 #: (MiniLM-L6, 2 cores: sorted chunks of ~16 tweets); a GPU wants far wider passes.
 CPU_BATCH_TOKENS = 512
+#: Characters of a text the tokenizer sees, per token of max length: far more than
+#: `max_length` tokens can need, and a bound on the tokenizer's work and memory per text.
+CHARS_PER_TOKEN_BOUND = 32
 GPU_BATCH_TOKENS = 16384
 
 
@@ -226,6 +229,8 @@ class TextClassifier:
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         """Token ids per text (special tokens added, truncated to the model's max length)."""
+        bound = self.max_length * CHARS_PER_TOKEN_BOUND
+        texts = [text[:bound] for text in texts]
         with self._tokenizer_lock:
             encoded = self.tokenizer(
                 texts, truncation=True, max_length=self.max_length, return_attention_mask=False

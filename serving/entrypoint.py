@@ -44,6 +44,13 @@ def _add_knobs(parser: argparse.ArgumentParser, sep: str) -> None:
         "--dtype", choices=_DTYPES, default="auto", help="auto: bfloat16 on a GPU, else float32."
     )
     group.add_argument(
+        f"--enable{sep}model{sep}repository",
+        dest="enable_model_repository",
+        action="store_true",
+        help="Allow the repository API (load/unload of the model) over HTTP and gRPC; off, "
+        "they answer 403 / PERMISSION_DENIED.",
+    )
+    group.add_argument(
         "--unpad",
         choices=UNPAD_MODES,
         default="auto",

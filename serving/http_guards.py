@@ -101,7 +101,20 @@ def install_http_guards(app: FastAPI, max_request_bytes: int) -> None:
 
 
 class GuardedDataPlane(DataPlane):
-    """KServe's DataPlane, with v2 bodies it cannot decode reported as a 400 naming the problem."""
+    """KServe's DataPlane, with v2 bodies it cannot decode reported as a 400 naming the problem.
+
+    Ready means a model can answer: KServe's says ready with no model loaded at all.
+    """
+
+    async def ready(self) -> bool:
+        """True when at least one model is loaded and every loaded model is ready."""
+        names = list(self._model_registry.get_models())
+        if not names:
+            return False
+        for name in names:
+            if not await self._model_registry.is_model_ready(name):
+                return False
+        return await super().ready()
 
     def decode_inference_request(
         self, body: bytes | InferenceRequest, headers: dict, model_name: str

@@ -30,6 +30,7 @@ class ServeOptions:
     device: str = "auto"
     dtype: str = "auto"
     unpad: str = "auto"  # auto: Linear layers skip padding rows if a load-time check agrees
+    enable_model_repository: bool = False  # allow load/unload over HTTP and gRPC
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_texts_per_request"):

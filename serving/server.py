@@ -10,19 +10,34 @@ from kserve import model_server as kserve_model_server
 
 from fineserve.serving.http_guards import GuardedDataPlane, install_http_guards, quiet_client_errors
 from fineserve.serving.predictor import ServeOptions, TextClassifierModel
+from fineserve.serving.repository import (
+    FixedModelRepository,
+    RepositoryChangesDisabled,
+    repository_disabled_handler,
+)
 
 
 class FineserveModelServer(ModelServer):
     """ModelServer whose bad-input paths answer 4xx (see `fineserve.serving.http_guards`)."""
 
-    def __init__(self, *, max_request_bytes: int, **kwargs: Any) -> None:
+    def __init__(
+        self, *, max_request_bytes: int, enable_model_repository: bool = False, **kwargs: Any
+    ) -> None:
         if kwargs.get("workers", 1) != 1:
             raise ValueError(
                 "--workers must be 1: requests are batched inside one process; "
                 "scale out with more replicas instead"
             )
+        # KServe's gRPC server reads its limits from the module's parsed args: one size limit
+        # for both protocols (KServe's own default lets 8 MiB texts through)
+        kserve_model_server.args.grpc_max_receive_message_length = max_request_bytes
         super().__init__(**kwargs)
         self.dataplane = GuardedDataPlane(model_registry=self.registered_models)
+        if not enable_model_repository:
+            self.model_repository_extension = FixedModelRepository(self.registered_models)
+        kserve_model_server.app.add_exception_handler(
+            RepositoryChangesDisabled, repository_disabled_handler
+        )
         install_http_guards(kserve_model_server.app, max_request_bytes)
         quiet_client_errors()
 
@@ -38,5 +53,9 @@ def serve(
     """Load the model, then serve it until SIGTERM/SIGINT (``server_kwargs`` go to ModelServer)."""
     model = TextClassifierModel(model_name, model_dir, options, model_version)
     model.load()
-    server = FineserveModelServer(max_request_bytes=options.max_request_bytes, **server_kwargs)
+    server = FineserveModelServer(
+        max_request_bytes=options.max_request_bytes,
+        enable_model_repository=options.enable_model_repository,
+        **server_kwargs,
+    )
     server.start([model])

@@ -379,3 +379,43 @@ def test_bad_input_gets_a_4xx_naming_the_problem(http, server, case):
     # ...and the server keeps serving
     assert server.alive()
     assert http.post(_INFER, json=_GOOD).status_code == 200
+
+
+@pytest.mark.parametrize("action", ["unload", "load"])
+def test_no_client_can_unload_or_load_the_model_over_http(http, action):
+    response = http.post(f"/v2/repository/models/{MODEL}/{action}")
+    assert response.status_code == 403, response.text
+    assert f"{action} of model '{MODEL}' is disabled" in response.json()["error"]
+    assert "--enable_model_repository" in response.json()["error"]
+    assert http.get("/v2/health/ready").status_code == 200
+    assert http.post(_INFER, json=_GOOD).status_code == 200
+
+
+def test_no_client_can_unload_the_model_over_grpc(server, http):
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+    from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
+
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=MODEL))
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "--enable_model_repository" in refused.value.details()
+    assert http.post(_INFER, json=_GOOD).status_code == 200
+
+
+def test_grpc_honours_the_request_size_limit(server, http):
+    async def call(text: str):
+        client = InferenceGRPCClient(server.grpc_target, retries=0, timeout=30)
+        try:
+            return await client.infer(
+                InferRequest(MODEL, [InferInput("text", [1], "BYTES", [text])])
+            )
+        finally:
+            await client.close()
+
+    with pytest.raises(grpc.aio.AioRpcError) as too_large:
+        asyncio.run(call("x" * (MAX_BYTES + 1024)))
+    assert too_large.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert str(MAX_BYTES) in too_large.value.details()
+    assert asyncio.run(call("a fine day")).get_output_by_name("label") is not None

@@ -463,3 +463,41 @@ def test_bad_knobs_are_rejected():
         parser.parse_args(["--model-dir", "x", "--unpad", "sometimes"])
     args = parser.parse_args(["--model-dir", "x", "--unpad", "off"])
     assert options_from_args(args).unpad == "off"
+
+
+def test_readiness_means_a_model_can_answer():
+    from kserve.model_repository import ModelRepository
+
+    from fineserve.serving.http_guards import GuardedDataPlane
+
+    class Stub:
+        name, ready = "m", True
+
+        async def healthy(self) -> bool:
+            return self.ready
+
+    repository = ModelRepository()
+    plane = GuardedDataPlane(model_registry=repository)
+    assert asyncio.run(plane.ready()) is False  # nothing loaded: KServe's own says True
+    repository.update(Stub())
+    assert asyncio.run(plane.ready()) is True
+    Stub.ready = False
+    assert asyncio.run(plane.ready()) is False
+
+
+def test_the_tokenizer_sees_a_bounded_prefix_of_a_huge_text(tiny_classifier):
+    from fineserve.serving.engine import CHARS_PER_TOKEN_BOUND
+
+    classifier = TextClassifier(tiny_classifier, device="cpu", unpad="off")
+    seen = []
+    tokenize = classifier.tokenizer
+
+    def recording(texts, **kwargs):
+        seen.extend(len(t) for t in texts)
+        return tokenize(texts, **kwargs)
+
+    classifier.tokenizer = recording
+    huge = "word " * 400_000  # 2 MB
+    (ids,) = classifier.token_ids([huge])
+    assert len(ids) == classifier.max_length
+    assert seen == [classifier.max_length * CHARS_PER_TOKEN_BOUND]
