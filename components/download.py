@@ -53,7 +53,14 @@ def read_table(path: str, *, file_format: str = "auto", encoding: str = "utf-8")
     kind = _file_format(path, file_format)
     try:
         if kind in ("csv", "tsv"):
-            return pd.read_csv(path, sep="\t" if kind == "tsv" else ",", encoding=encoding)
+            # only an empty field is missing: "NA", "null", "None" or "N/A" are real text/labels
+            return pd.read_csv(
+                path,
+                sep="\t" if kind == "tsv" else ",",
+                encoding=encoding,
+                keep_default_na=False,
+                na_values=[""],
+            )
         if kind == "jsonl":
             return pd.read_json(path, lines=True, encoding=encoding)
         return pd.read_parquet(path)

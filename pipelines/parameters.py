@@ -6,7 +6,9 @@ anything runs, naming the parameter.
 """
 
 import difflib
-from collections.abc import Iterable, Mapping
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +106,39 @@ def load_params_file(path: str | Path) -> dict[str, Any]:
     return loaded
 
 
+#: Values a parameter may take, checked before anything runs (the steps check them again on
+#: a cluster, where runs do not pass through this command line).
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "epochs": (lambda v: v > 0, "greater than 0"),
+    "learning_rate": (lambda v: v > 0, "greater than 0"),
+    "batch_size": (lambda v: v >= 1, "at least 1"),
+    "eval_batch_size": (lambda v: v >= 1, "at least 1"),
+    "weight_decay": (lambda v: v >= 0, "0 or more"),
+    "warmup_ratio": (lambda v: 0 <= v < 1, "from 0 up to (not including) 1"),
+    "max_grad_norm": (lambda v: v >= 0, "0 (no clipping) or more"),
+    "early_stopping_patience": (lambda v: v >= 0, "0 (off) or more"),
+    "max_steps": (lambda v: v == -1 or v >= 1, "-1 (no limit) or at least 1"),
+    "max_length": (lambda v: 8 <= v <= 8192, "from 8 to 8192 tokens"),
+    "validation_fraction": (lambda v: 0 < v < 1, "between 0 and 1 (exclusive)"),
+    "test_fraction": (lambda v: 0 < v < 1, "between 0 and 1 (exclusive)"),
+    "max_train_samples": (lambda v: v >= 0, "0 (all rows) or more"),
+    "max_eval_samples": (lambda v: v >= 0, "0 (all rows) or more"),
+    "n_bootstrap": (lambda v: v >= 1, "at least 1"),
+    "gpu_limit": (lambda v: v >= 0, "0 or more"),
+    "seed": (lambda v: 0 <= v < 2**32, "from 0 to 2**32 - 1"),
+}
+
+
+def _check_value(name: str, value: Any) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ParameterError(f"parameter {name!r} must be a finite number, got {value!r}")
+    rule = RULES.get(name)
+    if rule and not rule[0](value):
+        raise ParameterError(f"parameter {name!r} must be {rule[1]}, got {value!r}")
+
+
 def validate(values: Mapping[str, Any], types: Mapping[str, tuple[type, Any]]) -> dict[str, Any]:
-    """Check every name exists and convert every value to its parameter's type."""
+    """Check every name exists, convert every value to its type, and check its range."""
     checked = {}
     for name, value in values.items():
         if name not in types:
@@ -115,6 +148,7 @@ def validate(values: Mapping[str, Any], types: Mapping[str, tuple[type, Any]]) -
                 f"unknown parameter {name!r}{hint} (known: {', '.join(sorted(types))})"
             )
         checked[name] = _coerce(name, value, types[name][0])
+        _check_value(name, checked[name])
     return checked
 
 
@@ -124,11 +158,14 @@ def local_run_arguments(
     """Every argument of a local run: pipeline defaults, offline defaults, the user's values."""
     types = parameter_types(pipeline)
     user = validate(user_values, types)
+    # MLflow: -p tracking_uri, else $MLFLOW_TRACKING_URI (its server keeps the artifacts),
+    # else a local store in ``root``: the rule `fineserve serve --model-uri` follows too
+    server = os.environ.get("MLFLOW_TRACKING_URI")
     arguments: dict[str, Any] = {
         **{name: default for name, (_, default) in types.items()},
         "base_model": offline_base_model(),
-        "tracking_uri": local_tracking_uri(root),
-        "artifact_location": str(Path(root).resolve() / "mlartifacts"),
+        "tracking_uri": server or local_tracking_uri(root),
+        "artifact_location": "" if server else str(Path(root).resolve() / "mlartifacts"),
         **LOCAL_RUN_DEFAULTS,
     }
     if "dataset" not in user:

@@ -207,3 +207,15 @@ def test_bad_input_fails_with_a_message_naming_the_problem(tmp_path, case, messa
 def test_metadata_is_json_serialisable_for_kfp(small_corpus_csv, tmp_path):
     meta = download_dataset(str(small_corpus_csv), str(tmp_path / "out"))
     assert json.loads(json.dumps(meta)) == meta
+
+
+def test_strings_that_look_missing_are_text_and_labels(tmp_path):
+    rows = ["text,label"]
+    for i in range(30):
+        rows += [f"good {i},pos", f"bad {i},NA", "null,None"]  # a class literally named "NA"
+    (tmp_path / "d.csv").write_text("\n".join(rows) + "\n")
+    meta = download_dataset(str(tmp_path / "d.csv"), str(tmp_path / "out"))
+    assert meta["label_names"] == ["NA", "None", "pos"]
+    assert meta["dropped_rows"] == {}
+    data = datasets.load_from_disk(str(tmp_path / "out"))
+    assert "null" in data["train"]["text"]

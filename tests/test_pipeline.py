@@ -144,7 +144,8 @@ def test_assignments_and_params_file(tmp_path):
         load_params_file(tmp_path / "missing.yaml")
 
 
-def test_local_defaults_are_offline_and_yield_to_user_data(tmp_path):
+def test_local_defaults_are_offline_and_yield_to_user_data(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     from fineserve.core.defaults import offline_base_model, offline_corpus_path
 
     default = local_run_arguments(training_pipeline, {}, root=tmp_path)
@@ -219,3 +220,43 @@ def test_steps_that_share_a_parameter_must_agree_on_it():
     assert docs["seed"] == "one: A seed. two: Another seed."
     with pytest.raises(TypeError, match=r"step 'one' has no parameters \['sed'\]"):
         Step(one, hidden=("sed",)).parameters()
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"learning_rate": "nan"}, r"'learning_rate' must be a finite number, got nan"),
+        ({"epochs": "inf"}, r"'epochs' must be a finite number, got inf"),
+        ({"epochs": "0"}, r"'epochs' must be greater than 0, got 0.0"),
+        ({"max_length": "4"}, r"'max_length' must be from 8 to 8192 tokens, got 4"),
+        ({"test_fraction": "1.5"}, r"'test_fraction' must be between 0 and 1 \(exclusive\)"),
+        ({"batch_size": "0"}, r"'batch_size' must be at least 1, got 0"),
+        ({"max_steps": "0"}, r"'max_steps' must be -1 \(no limit\) or at least 1, got 0"),
+        ({"seed": "-1"}, r"'seed' must be from 0 to 2\*\*32 - 1, got -1"),
+    ],
+)
+def test_out_of_range_parameters_are_refused_before_anything_runs(values, message):
+    with pytest.raises(ParameterError, match=message):
+        validate(values, _types())
+
+
+def test_cli_refuses_nan_naming_the_parameter(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "fineserve", "run", "--local", "-p", "learning_rate=nan"]
+        + ["--output-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "'learning_rate' must be a finite number, got nan" in result.stderr
+    assert not (tmp_path / "local_outputs").exists()  # refused before anything ran
+
+
+def test_local_runs_honour_mlflow_tracking_uri_unless_a_parameter_names_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    arguments = local_run_arguments(training_pipeline, {}, root=tmp_path)
+    assert arguments["tracking_uri"] == "http://127.0.0.1:5999"
+    assert arguments["artifact_location"] == ""  # the server's own artifact root
+    own = local_run_arguments(training_pipeline, {"tracking_uri": "sqlite:///x.db"}, root=tmp_path)
+    assert own["tracking_uri"] == "sqlite:///x.db"
