@@ -6,9 +6,12 @@ The output is a `datasets.DatasetDict` saved with `save_to_disk`, with exactly t
 """
 
 import hashlib
+import io
 import json
 import logging
 import os
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -48,22 +51,63 @@ def _file_format(path: str, file_format: str) -> str:
     return _READERS[ext]
 
 
-def read_table(path: str, *, file_format: str = "auto", encoding: str = "utf-8") -> pd.DataFrame:
-    """Read one CSV/TSV/JSONL/Parquet file (local path or URL) into a DataFrame."""
+_COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".xz": "xz"}
+
+
+def fetch_url(url: str, timeout: float) -> io.BytesIO:
+    """The body of an http(s) URL; no answer for ``timeout`` seconds on any read is an error."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return io.BytesIO(response.read())
+    except urllib.error.HTTPError as err:
+        raise DataError(f"cannot read {url!r}: HTTP {err.code} {err.reason}") from err
+    except (TimeoutError, urllib.error.URLError) as err:
+        reason = getattr(err, "reason", err)
+        if isinstance(err, TimeoutError) or isinstance(reason, TimeoutError):
+            raise DataError(
+                f"cannot read {url!r}: no answer within {timeout:g} s (network_timeout); "
+                "check the URL, or raise network_timeout for a slow server"
+            ) from err
+        raise DataError(f"cannot read {url!r}: {reason}") from err
+
+
+def read_table(
+    path: str,
+    *,
+    file_format: str = "auto",
+    encoding: str = "utf-8",
+    text_column: str | None = None,
+    timeout: float = 60.0,
+) -> pd.DataFrame:
+    """Read one CSV/TSV/JSONL/Parquet file (local path or URL) into a DataFrame.
+
+    In CSV/TSV only an empty field is missing ("NA", "null" or "None" are text), and
+    ``text_column`` is read as text even when every value looks like a number. An http(s)
+    URL is fetched with ``timeout``.
+    """
     kind = _file_format(path, file_format)
+    source: Any = path
+    compression: Any = "infer"
+    if path.startswith(("http://", "https://")):
+        source = fetch_url(path, timeout)
+        suffix = os.path.splitext(path.lower().split("?")[0])[1]
+        compression = _COMPRESSIONS.get(suffix)
     try:
         if kind in ("csv", "tsv"):
-            # only an empty field is missing: "NA", "null", "None" or "N/A" are real text/labels
             return pd.read_csv(
-                path,
+                source,
                 sep="\t" if kind == "tsv" else ",",
                 encoding=encoding,
                 keep_default_na=False,
                 na_values=[""],
+                dtype={text_column: str} if text_column else None,
+                compression=compression,
             )
         if kind == "jsonl":
-            return pd.read_json(path, lines=True, encoding=encoding)
-        return pd.read_parquet(path)
+            return pd.read_json(
+                source, lines=True, encoding=encoding, dtype=False, compression=compression
+            )
+        return pd.read_parquet(source)
     except UnicodeDecodeError as err:
         raise DataError(
             f"{path!r} is not valid {encoding} (byte {err.object[err.start]:#04x} at offset "
@@ -82,10 +126,13 @@ def _is_file_source(source: str) -> bool:
     return bool(looks_like_path)
 
 
-def _read_files(source: str, file_format: str, encoding: str, split_names: dict[str, str]):
-    """A file is the train split; a directory holds one file per split, named after the split."""
+def _read_files(source: str, split_names: dict[str, str], **read: Any):
+    """A file is the train split; a directory holds one file per split, named after the split.
+
+    ``read`` are the keyword arguments of `read_table`.
+    """
     if source.startswith(_URL_SCHEMES) or os.path.isfile(source):
-        return {"train": read_table(source, file_format=file_format, encoding=encoding)}
+        return {"train": read_table(source, **read)}
     if not os.path.isdir(source):
         raise DataError(f"cannot read {source!r}: no such file or directory")
     files = sorted(p for p in Path(source).iterdir() if p.is_file() and not p.name.startswith("."))
@@ -95,7 +142,7 @@ def _read_files(source: str, file_format: str, encoding: str, split_names: dict[
         if len(matches) > 1:
             raise DataError(f"{source!r} holds several files for split {wanted!r}: {matches}")
         if matches:
-            frames[split] = read_table(str(matches[0]), file_format=file_format, encoding=encoding)
+            frames[split] = read_table(str(matches[0]), **read)
     if "train" not in frames:
         raise DataError(
             f"{source!r} has no file for the train split {split_names['train']!r} "
@@ -156,6 +203,20 @@ def _clean(frame: pd.DataFrame, split: str, drop_invalid_rows: bool) -> tuple[pd
     return frame[~bad].reset_index(drop=True), counts
 
 
+def _check_texts(frame: pd.DataFrame, split: str, text_column: str) -> None:
+    """Every text must be a string: a number or a list is refused, not trained on as text."""
+    texts = frame[TEXT_COLUMN]
+    not_text = ~texts.map(lambda value: isinstance(value, str))
+    if not_text.any():
+        row = int(not_text.idxmax())
+        value = texts[row]
+        raise DataError(
+            f"split {split!r}: text column {text_column!r} holds {int(not_text.sum())} values "
+            f"that are not text (first at row {row}: {type(value).__name__} {value!r:.60}); "
+            "give every row its text as a string"
+        )
+
+
 def encode_labels(frames: dict[str, pd.DataFrame], features: Any) -> list[str]:
     """Turn labels into ids 0..C-1 in place and return the names (id2label)."""
     import datasets
@@ -204,15 +265,24 @@ def _stratified_split(frame: pd.DataFrame, size: float | int, seed: int, what: s
     return rest.reset_index(drop=True), part.reset_index(drop=True)
 
 
-def _cap(frame: pd.DataFrame, limit: int, seed: int, split: str) -> pd.DataFrame:
+def _cap(frame: pd.DataFrame, limit: int, seed: int, split: str, cap_name: str) -> pd.DataFrame:
+    """A sample of ``limit`` rows that keeps every class of ``frame`` (stratified)."""
     if limit <= 0 or len(frame) <= limit:
         return frame
     counts = frame[LABEL_COLUMN].value_counts()
-    if limit >= len(counts) and counts.min() >= 2:
+    if limit < len(counts):
+        raise DataError(
+            f"{cap_name}={limit} cannot keep the {len(counts)} classes of split {split!r}; "
+            f"set {cap_name} to at least {len(counts)} (better: tens of rows per class), or 0"
+        )
+    if counts.min() >= 2:
         _, kept = _stratified_split(frame, limit, seed, f"sample of {split}")
-    else:
-        kept = frame.sample(n=limit, random_state=seed).reset_index(drop=True)
-    log.info("split %r: kept %d of %d rows (cap)", split, limit, len(frame))
+    else:  # a class with one row: keep it, sample the rest
+        singles = frame[frame[LABEL_COLUMN].map(counts) == 1]
+        rest = frame.drop(singles.index).sample(n=limit - len(singles), random_state=seed)
+        kept = pd.concat([singles, rest]).sample(frac=1.0, random_state=seed)
+        kept = kept.reset_index(drop=True)
+    log.info("split %r: kept %d of %d rows (%s)", split, limit, len(frame), cap_name)
     return kept
 
 
@@ -239,16 +309,19 @@ def read_source(
     source_type: str,
     config: str,
     revision: str,
-    file_format: str,
-    encoding: str,
     split_names: dict[str, str],
+    **read: Any,
 ) -> tuple[dict[str, pd.DataFrame], Any]:
-    """The splits of ``source`` as DataFrames, and the Hub features (None for files)."""
+    """The splits of ``source`` as DataFrames, and the Hub features (None for files).
+
+    ``read`` are the keyword arguments of `read_table` (format, encoding, text column,
+    timeout) for a file source.
+    """
     if source_type not in ("auto", "hub", "files"):
         raise DataError(f"source_type must be auto, hub or files, not {source_type!r}")
     use_files = source_type == "files" or (source_type == "auto" and _is_file_source(source))
     if use_files:
-        return _read_files(source, file_format, encoding, split_names), None
+        return _read_files(source, split_names, **read), None
     return _read_hub(source, config, revision, split_names)
 
 
@@ -264,7 +337,7 @@ def select_columns(
         frames[split], counts = _clean(frame.reset_index(drop=True), split, drop_invalid_rows)
         if counts:
             dropped[split] = counts
-        frames[split][TEXT_COLUMN] = frames[split][TEXT_COLUMN].astype(str)
+        _check_texts(frames[split], split, text_column)
     return dropped
 
 
@@ -292,9 +365,14 @@ def cap_splits(
     frames: dict[str, pd.DataFrame], max_train_samples: int, max_eval_samples: int, seed: int
 ) -> None:
     """Sample splits down to their caps (in place); an empty split is an error."""
-    caps = {"train": max_train_samples, "validation": max_eval_samples, "test": max_eval_samples}
+    caps = {
+        "train": ("max_train_samples", max_train_samples),
+        "validation": ("max_eval_samples", max_eval_samples),
+        "test": ("max_eval_samples", max_eval_samples),
+    }
     for split in SPLITS:
-        frames[split] = _cap(frames[split], caps[split], seed, split)
+        cap_name, limit = caps[split]
+        frames[split] = _cap(frames[split], limit, seed, split, cap_name)
         if frames[split].empty:
             raise DataError(f"split {split!r} is empty")
 
@@ -360,6 +438,7 @@ def download(
     max_eval_samples: int = 0,
     drop_invalid_rows: bool = False,
     seed: int = 42,
+    network_timeout: float = 60.0,
 ):
     """Download a labelled text dataset and split it into train/validation/test.
 
@@ -383,6 +462,8 @@ def download(
         drop_invalid_rows: Drop rows with null/empty text or null label (counted in the
             metadata) instead of failing.
         seed: Seed for splitting and sampling.
+        network_timeout: Seconds a URL may go without answering before the download fails
+            (the step's retries then apply).
 
     Returns:
         dataset: Output DatasetDict (`save_to_disk`) with `text` and `label` (ClassLabel) columns.
@@ -395,9 +476,11 @@ def download(
         source_type=source_type,
         config=config,
         revision=revision,
+        split_names={"train": train_split, "validation": validation_split, "test": test_split},
         file_format=file_format,
         encoding=encoding,
-        split_names={"train": train_split, "validation": validation_split, "test": test_split},
+        text_column=text_column,
+        timeout=network_timeout,
     )
     dropped = step.select_columns(frames, text_column, label_column, drop_invalid_rows)
     label_names = step.encode_labels(frames, features)

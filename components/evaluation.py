@@ -62,6 +62,7 @@ def markdown_report(result: EvaluationResults) -> str:
         f"Test split: {result['test_rows']} rows. Intervals: {result['n_bootstrap']}-resample "
         "percentile bootstrap, 95%.",
         "",
+        *(f"> **Warning:** {warning}\n" for warning in result.get("warnings", [])),
         "| model | accuracy | macro-F1 |",
         "| --- | --- | --- |",
         f"| fine-tuned transformer | {model['accuracy']:.4f} "
@@ -102,6 +103,24 @@ def load_test_split(dataset_dir: str, model_dir: str):
     if len(test) == 0:
         raise DataError("the test split is empty")
     return test, label_names
+
+
+#: Below these, a test split's scores (and their bootstrap intervals) say little.
+MIN_TEST_ROWS, MIN_TEST_ROWS_PER_CLASS = 100, 10
+
+
+def small_test_split_warnings(label_names: list[str], support: list[int]) -> list[str]:
+    """Why the scores of a test split this small may mean little (empty when they do not)."""
+    rows = sum(support)
+    smallest = min(range(len(support)), key=support.__getitem__)
+    if rows >= MIN_TEST_ROWS and support[smallest] >= MIN_TEST_ROWS_PER_CLASS:
+        return []
+    return [
+        f"the test split has only {rows} rows ({support[smallest]} of class "
+        f"{label_names[smallest]!r}): its scores and intervals say little; use at least "
+        f"{MIN_TEST_ROWS} rows and {MIN_TEST_ROWS_PER_CLASS} per class (max_eval_samples, "
+        "test_fraction)"
+    ]
 
 
 def predict(model_dir: str, texts: list[str], batch_size: int):
@@ -169,6 +188,9 @@ def evaluate(
         ),
         "baseline": None,
     }
+    result["warnings"] = step.small_test_split_warnings(label_names, result["model"]["support"])
+    for warning in result["warnings"]:
+        step.log.warning(warning)
     if baseline:
         base_pred = step.tfidf_baseline(dataset.path, texts, seed=seed)
         result["baseline"] = report_metric.compute(

@@ -44,11 +44,14 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _params(args: argparse.Namespace) -> None:
-    from fineserve.pipelines.parameters import parameter_types
+    from fineserve.pipelines.parameters import local_run_arguments, parameter_types
     from fineserve.pipelines.training_pipeline import training_pipeline
 
+    local = local_run_arguments(training_pipeline, {})
+    print(f"{'parameter':<24} {'type':<6} {'cluster default (Kubeflow)':<40} run --local default")
     for name, (kind, default) in parameter_types(training_pipeline).items():
-        print(f"{name:<24} {kind.__name__:<6} {default!r}")
+        here = "(same)" if local[name] == default else repr(local[name])
+        print(f"{name:<24} {kind.__name__:<6} {default!r:<40} {here}")
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -88,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run_cmd.set_defaults(func=_run)
 
-    params_cmd = commands.add_parser("params", help="list pipeline parameters and defaults")
+    params_cmd = commands.add_parser(
+        "params", help="list pipeline parameters with their cluster and local defaults"
+    )
     params_cmd.set_defaults(func=_params)
 
     serve_cmd = commands.add_parser("serve", help="serve a model with the KServe predictor")

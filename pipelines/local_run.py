@@ -41,6 +41,8 @@ class LocalRun:
             f"{m['accuracy_ci_high']:.4f}]  macro-F1 {m['macro_f1']:.4f} "
             f"[{m['macro_f1_ci_low']:.4f}, {m['macro_f1_ci_high']:.4f}] (95% bootstrap CI)",
         ]
+        results = read_evaluation_results(self.run_dir / "evaluate" / "results")
+        lines += [f"  WARNING: {warning}" for warning in results.get("warnings", [])]
         if "baseline_macro_f1" in m:
             lines.append(
                 f"  TF-IDF + logistic regression baseline: accuracy {m['baseline_accuracy']:.4f}"

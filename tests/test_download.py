@@ -4,6 +4,7 @@ import csv
 import functools
 import http.server
 import json
+import re
 import threading
 from pathlib import Path
 
@@ -219,3 +220,71 @@ def test_strings_that_look_missing_are_text_and_labels(tmp_path):
     assert meta["dropped_rows"] == {}
     data = datasets.load_from_disk(str(tmp_path / "out"))
     assert "null" in data["train"]["text"]
+
+
+def _three_classes_csv(path, per_class=20):
+    rows = [
+        {"text": f"{label} text {i}", "label": label}
+        for i in range(per_class)
+        for label in ("neg", "neu", "pos")
+    ]
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def test_a_cap_below_the_class_count_fails_naming_it(tmp_path):
+    source = _three_classes_csv(tmp_path / "d.csv")
+    with pytest.raises(DataError, match=r"max_train_samples=2 cannot keep the 3 classes"):
+        download_dataset(str(source), str(tmp_path / "out"), max_train_samples=2)
+    with pytest.raises(DataError, match=r"max_eval_samples=1 cannot keep the 3 classes"):
+        download_dataset(str(source), str(tmp_path / "out2"), max_eval_samples=1)
+
+
+def test_a_cap_keeps_every_class_even_one_with_a_single_row(tmp_path):
+    rows = [{"text": f"t {i}", "label": "big"} for i in range(60)] + [
+        {"text": "lonely", "label": "rare"}
+    ]
+    pd.DataFrame(rows).to_csv(tmp_path / "train.csv", index=False)
+    pd.DataFrame(rows[:10] + rows[-1:]).to_csv(tmp_path / "validation.csv", index=False)
+    pd.DataFrame(rows[10:20] + rows[-1:]).to_csv(tmp_path / "test.csv", index=False)
+    meta = download_dataset(str(tmp_path), str(tmp_path / "out"), max_train_samples=5)
+    assert meta["rows"]["train"] == 5
+    assert meta["class_counts"]["train"] == {"big": 4, "rare": 1}
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"), [(42, "int 42"), (["a", "b"], "list ['a', 'b']"), (1.5, "float 1.5")]
+)
+def test_texts_that_are_not_strings_are_refused_with_column_and_row(tmp_path, value, shown):
+    rows = [{"body": f"text {i}", "label": ["a", "b"][i % 2]} for i in range(40)]
+    rows[7]["body"] = value
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    pattern = rf"text column 'body' holds 1 values .*row \d+: {re.escape(shown)}"
+    with pytest.raises(DataError, match=pattern):
+        download_dataset(str(tmp_path / "d.jsonl"), str(tmp_path / "out"), text_column="body")
+
+
+def test_csv_texts_that_look_like_numbers_stay_text(tmp_path):
+    rows = [{"text": f"00{i}", "label": ["a", "b"][i % 2]} for i in range(40)]
+    pd.DataFrame(rows).to_csv(tmp_path / "d.csv", index=False)
+    download_dataset(str(tmp_path / "d.csv"), str(tmp_path / "out"))
+    data = datasets.load_from_disk(str(tmp_path / "out"))
+    texts = {*data["train"]["text"], *data["validation"]["text"], *data["test"]["text"]}
+    assert texts == {f"00{i}" for i in range(40)}
+
+
+def test_a_url_that_never_answers_fails_naming_url_and_timeout(tmp_path):
+    import socket
+    import time
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()  # accepts connections (the kernel does) and never answers
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/data.csv"
+    started = time.monotonic()
+    try:
+        with pytest.raises(DataError, match=rf"cannot read '{url}': no answer within 1 s"):
+            download_dataset(url, str(tmp_path / "out"), network_timeout=1.0)
+    finally:
+        listener.close()
+    assert time.monotonic() - started < 10

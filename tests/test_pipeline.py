@@ -260,3 +260,15 @@ def test_local_runs_honour_mlflow_tracking_uri_unless_a_parameter_names_one(tmp_
     assert arguments["artifact_location"] == ""  # the server's own artifact root
     own = local_run_arguments(training_pipeline, {"tracking_uri": "sqlite:///x.db"}, root=tmp_path)
     assert own["tracking_uri"] == "sqlite:///x.db"
+
+
+def test_params_shows_the_cluster_and_the_local_default(capsys):
+    from fineserve.cli import main
+
+    main(["params"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "cluster default" in lines[0] and "run --local default" in lines[0]
+    rows = {line.split()[0]: line.split()[2:] for line in lines[1:]}
+    assert rows["epochs"] == ["3.0", "1.0"]
+    assert rows["batch_size"] == ["32", "(same)"]
+    assert rows["base_model"][0] == "'distilbert-base-uncased'"

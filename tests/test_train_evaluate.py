@@ -205,6 +205,10 @@ def test_evaluate_reports_model_and_baseline(trained_dir, raw_dir, tmp_path):
     )
     report = (tmp_path / "r.md").read_text()
     assert "TF-IDF + logistic regression" in report and "| **neutral** |" in report
+    # 30 test rows: said loudly, in the results and the report
+    (warning,) = result["warnings"]
+    assert "the test split has only 30 rows" in warning and "max_eval_samples" in warning
+    assert f"> **Warning:** {warning}" in report
     assert sum(map(sum, result["model"]["confusion_matrix"])) == result["test_rows"] == 30
     scalars = summary_metrics(result)
     assert scalars["macro_f1_ci_low"] <= scalars["macro_f1"] <= scalars["macro_f1_ci_high"]
@@ -273,3 +277,11 @@ def test_length_buckets_keep_each_batchs_class_mix_when_length_predicts_the_clas
 
 def _batch_labels(order: list[int], labels: list[int], size: int = 32) -> list[list[int]]:
     return [[labels[i] for i in order[k : k + size]] for k in range(0, len(order), size)]
+
+
+def test_a_test_split_big_enough_has_no_warning():
+    from fineserve.components.evaluation import small_test_split_warnings
+
+    assert small_test_split_warnings(["a", "b"], [60, 40]) == []
+    (warning,) = small_test_split_warnings(["a", "b"], [95, 5])
+    assert "(5 of class 'b')" in warning

@@ -91,15 +91,22 @@ class ModelInfo(TypedDict, total=False):
     model_version: str
 
 
-class EvaluationResults(TypedDict):
-    """The evaluate step's `results` JSON: every number of the evaluation."""
-
+class _EvaluationNumbers(TypedDict):
     label_names: list[str]
     test_rows: int
     n_bootstrap: int
     model: dict[str, Any]
     confidence_intervals: dict[str, tuple[float, float]]
     baseline: dict[str, Any] | None
+
+
+class EvaluationResults(_EvaluationNumbers, total=False):
+    """The evaluate step's `results` JSON: every number of the evaluation.
+
+    `warnings` (absent in older results) says why the scores may mean little.
+    """
+
+    warnings: list[str]
 
 
 def _write_json(path: Path, data: Any) -> None:
