@@ -3,6 +3,7 @@
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 
 from fineserve.core.errors import DataError, ParameterError
@@ -36,10 +37,20 @@ def _run(args: argparse.Namespace) -> None:
             "Kubeflow, `fineserve compile -o training.yaml` and upload it in the UI"
         )
     arguments = local_run_arguments(training_pipeline, _user_values(args), root=args.output_dir)
-    print("parameters:")
-    for name, value in sorted(arguments.items()):
-        print(f"  {name} = {value!r}")
-    run = run_local(arguments, Path(args.output_dir) / "local_outputs")
+    if not args.verbose:  # kfp.local's own INFO lines outside the steps (they go to the log)
+        logging.getLogger().setLevel(logging.WARNING)
+    outputs = Path(args.output_dir) / "local_outputs"
+    outputs.mkdir(parents=True, exist_ok=True)
+    log_path = outputs / time.strftime("fineserve-run-%Y%m%d-%H%M%S.log")
+    print(
+        f"step logs and parameters: {log_path}"
+        + ("" if args.verbose else " (--verbose shows them)")
+    )
+    try:
+        run = run_local(arguments, outputs, log_path=log_path, verbose=args.verbose)
+    except RuntimeError:
+        print(f"the full output of every step is in {log_path}")
+        raise
     print(run.summary(arguments))
 
 
@@ -84,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a pipeline parameter (repeatable); `fineserve params` lists them",
     )
     run_cmd.add_argument("--params", metavar="FILE.yaml", help="pipeline parameters from YAML")
+    run_cmd.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="stream every step's full output (always written to the run's log file)",
+    )
     run_cmd.add_argument(
         "--output-dir",
         default=".",

@@ -18,6 +18,7 @@ from fineserve.core.artifacts import (
     read_model_info,
     summary_metrics,
 )
+from fineserve.pipelines.run_console import RunConsole
 from fineserve.pipelines.training_pipeline import PIPELINE_NAME, build_training_pipeline
 
 
@@ -86,8 +87,19 @@ def _steps_run_this_interpreter():
         os.environ["PATH"] = saved_path
 
 
-def run_local(arguments: dict[str, Any], output_dir: str | Path) -> LocalRun:
-    """Run the DAG with ``arguments`` (already validated); raise if a step fails."""
+def run_local(
+    arguments: dict[str, Any],
+    output_dir: str | Path,
+    *,
+    log_path: str | Path | None = None,
+    verbose: bool = True,
+) -> LocalRun:
+    """Run the DAG with ``arguments`` (already validated); raise if a step fails.
+
+    With a ``log_path``, everything the steps print goes there, and the console shows a line
+    per step, the training progress and a failed step's last lines (`RunConsole`); with
+    ``verbose`` too, the console gets everything as well.
+    """
     from kfp import local
 
     output_dir = Path(output_dir).resolve()
@@ -99,7 +111,13 @@ def run_local(arguments: dict[str, Any], output_dir: str | Path) -> LocalRun:
     )
     before = set(output_dir.glob(f"{PIPELINE_NAME}-*"))
     started = time.monotonic()
-    with _steps_run_this_interpreter():
+    with contextlib.ExitStack() as stack:
+        if log_path is not None:
+            log = stack.enter_context(open(log_path, "a", encoding="utf-8"))  # noqa: SIM115
+            log.write("parameters:\n" + "".join(f"  {k} = {v!r}\n" for k, v in arguments.items()))
+            stack.enter_context(contextlib.redirect_stderr(log))
+            stack.enter_context(contextlib.redirect_stdout(RunConsole(log, sys.stdout, verbose)))
+        stack.enter_context(_steps_run_this_interpreter())
         task = build_training_pipeline(download_retries=0)(**arguments)
     seconds = time.monotonic() - started
     (run_dir,) = set(output_dir.glob(f"{PIPELINE_NAME}-*")) - before

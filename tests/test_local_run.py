@@ -1,5 +1,6 @@
 """`fineserve run --local` end to end: the real DAG, a tiny BERT, a real MLflow store."""
 
+import re
 import subprocess
 import sys
 
@@ -37,11 +38,18 @@ def test_local_run_registers_a_version_with_alias_and_metrics(
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     out = run.stdout
+    lines = out.splitlines()
+    # a person reads a line per step, the training progress and the summary...
+    assert len(lines) < 40, out
     for task in ("download", "tokenize", "train", "evaluate", "register"):
-        assert (
-            f"Task \x1b[96m'{task}'\x1b[0m finished with status \x1b[92mSUCCESS" in out + run.stderr
-        )
+        assert re.search(rf"^{task} +SUCCESS in \d+\.\d s$", out, re.MULTILINE), out
+    assert re.search(r"^train +epoch 1: validation macro-F1 0\.\d{4}, accuracy", out, re.M), out
     assert "macro-F1" in out and "TF-IDF + logistic regression baseline" in out
+    # ...and the executors' full output is in the log the first line names
+    log_path = tmp_path / lines[0].split(": ", 1)[1].split(" (")[0]
+    log = log_path.read_text()
+    assert "Task \x1b[96m'register'\x1b[0m finished with status \x1b[92mSUCCESS" in log
+    assert "Got executor_input" in log and "executor_input" not in out
     assert "model version e2e v1 (alias @challenger)" in out
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
@@ -74,3 +82,6 @@ def test_a_failing_step_fails_the_run_with_its_message(small_corpus_csv, tmp_pat
         in (output)
     )
     assert "Inner task failed" in output and "download" in output
+    assert re.search(r"^download +FAILURE in", run.stdout, re.MULTILINE), run.stdout
+    assert "the full output of every step is in" in run.stdout
+    assert len(run.stdout.splitlines()) < 40
