@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +21,8 @@ from kserve.protocol.rest.v2_datamodels import InferenceRequest
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from fineserve.serving.protocol import NotServed
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -50,24 +53,55 @@ def _too_large(max_request_bytes: int) -> JSONResponse:
     )
 
 
-class DeclaredSizeGuard:
-    """Answers a request whose Content-Length is over the limit with the 413 that names it.
+_VERSIONED = re.compile(r"^/v2/models/(?P<name>[^/]+)/versions/(?P<version>[^/]+)(?P<rest>/.*)?$")
 
-    Starlette's body limiter replaces any answer to such a request with a plain "Content Too
-    Large", so this check has to run outside it, before the body is read.
+
+class RequestGuard:
+    """Checks a request's head before the app reads its body.
+
+    - A Content-Length over the limit gets the 413 that names it. Starlette's body limiter
+      replaces any answer to such a request with a plain "Content Too Large", so this check
+      runs outside it, before the body is read.
+    - A Content-Encoding (gzip, ...) gets a 415: bodies are read as they come.
+    - `/v2/models/NAME/versions/V/...` is served as `/v2/models/NAME/...` when V is the
+      version served (KServe answers 501 to any version), else a 404 naming the served one.
     """
 
-    def __init__(self, app: ASGIApp, max_request_bytes: int) -> None:
-        self.app = app
-        self.max_request_bytes = max_request_bytes
+    def __init__(
+        self, app: ASGIApp, max_request_bytes: int, served_version: Callable[[str], str | None]
+    ) -> None:
+        self.app, self.max_request_bytes = app, max_request_bytes
+        self.served_version = served_version
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Answer 413 at once for a declared size over the limit; pass anything else on."""
-        if scope["type"] == "http":
-            declared = Headers(scope=scope).get("content-length", "")
-            if declared.isdigit() and int(declared) > self.max_request_bytes:
-                await _too_large(self.max_request_bytes)(scope, receive, send)
+        """Answer bad heads (413, 415, 404) at once; pass anything else on."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_request_bytes:
+            await _too_large(self.max_request_bytes)(scope, receive, send)
+            return
+        encoding = headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            message = f"Content-Encoding {encoding!r} is not supported: send the body uncompressed"
+            await _error(415, message)(scope, receive, send)
+            return
+        versioned = _VERSIONED.match(scope["path"])
+        if versioned:
+            name, version = versioned.group("name"), versioned.group("version")
+            served = self.served_version(name)
+            if served is not None and version != served:
+                reason = NotServed(
+                    f"model {name!r} has no version {version!r} here: this predictor serves "
+                    f"version {served!r}"
+                ).reason
+                await _error(404, reason)(scope, receive, send)
                 return
+            if served is not None:
+                path = f"/v2/models/{name}{versioned.group('rest') or ''}"
+                scope = {**scope, "path": path, "raw_path": path.encode()}
         await self.app(scope, receive, send)
 
 
@@ -78,6 +112,12 @@ def http_error_handler(max_request_bytes: int) -> Callable[[Request, HTTPExcepti
         if exc.status_code == 413:  # a body over the limit that declared no Content-Length
             return _too_large(max_request_bytes)
         cause = exc.__cause__
+        if exc.status_code == 400 and isinstance(cause, RecursionError):
+            return _error(
+                400,
+                "request body is nested too deeply to parse as JSON; a v2 request is an object "
+                'with an "inputs" list of tensors',
+            )
         if exc.status_code == 400 and isinstance(cause, UnicodeDecodeError):
             return _error(
                 400,
@@ -89,13 +129,20 @@ def http_error_handler(max_request_bytes: int) -> Callable[[Request, HTTPExcepti
     return handle
 
 
-def install_http_guards(app: FastAPI, max_request_bytes: int) -> None:
-    """Limit request bodies and make FastAPI's own input errors clear 4xx answers."""
+def install_http_guards(
+    app: FastAPI, max_request_bytes: int, served_version: Callable[[str], str | None]
+) -> None:
+    """Limit request bodies and make FastAPI's own input errors clear 4xx answers.
+
+    ``served_version`` gives the version a model name serves (None: no such model).
+    """
     if not hasattr(app, "max_body_size"):
         raise RuntimeError("this FastAPI has no request body limit (max_body_size); upgrade it")
     app.max_body_size = max_request_bytes  # read when the middleware stack is built
     build_stack = app.build_middleware_stack  # user middleware would run inside the limiter
-    app.build_middleware_stack = lambda: DeclaredSizeGuard(build_stack(), max_request_bytes)
+    app.build_middleware_stack = lambda: RequestGuard(
+        build_stack(), max_request_bytes, served_version
+    )
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(HTTPException, http_error_handler(max_request_bytes))
 
@@ -121,6 +168,11 @@ class GuardedDataPlane(DataPlane):
     ) -> InferRequest:
         """Decode a v2 body, turning a malformed one into InvalidInput (a 400)."""
         if isinstance(body, bytes) and INFERENCE_CONTENT_LENGTH_HEADER not in headers:
+            if "json" in headers.get("content-type", ""):  # parsed as JSON: not an object
+                raise InvalidInput(
+                    'request body must be a JSON object (a v2 inference request with an "inputs" '
+                    "list), not a JSON string"
+                )
             raise InvalidInput(
                 f"request body has Content-Type {headers.get('content-type', '(none)')!r}: "
                 "send JSON with Content-Type: application/json (or binary tensors with the "

@@ -110,6 +110,12 @@ class TextClassifierModel(Model):
         self.ready = True
         return self.ready
 
+    async def explain(self, payload: dict, headers: dict[str, str] | None = None) -> dict:
+        """No explainer: a 404 that says so (KServe answers 501, a server fault)."""
+        raise protocol.NotServed(
+            f"model {self.name!r} has no explainer: use :predict (v1) or /infer (v2)"
+        )
+
     def get_input_types(self) -> list[dict]:
         """The v2 model metadata of the inputs."""
         return protocol.input_metadata()
@@ -124,9 +130,13 @@ class TextClassifierModel(Model):
         """Validate the texts (400 on bad input), classify them in a batch, answer in kind."""
         limit = self.options.max_texts_per_request
         if isinstance(payload, InferRequest):
+            version = self.classifier.model_version
+            protocol.check_version(self.name, payload.model_version, version)
+            protocol.requested_outputs(payload)  # refuse unknown outputs before the work
             texts = protocol.texts_from_v2(payload, limit)
         else:
-            texts = protocol.texts_from_v1(payload, limit)
+            json_body = "json" in (headers or {}).get("content-type", "")
+            texts = protocol.texts_from_v1(payload, limit, json_body)
         probs = await self.batcher.submit(texts)
         labels = self.classifier.labels
         if isinstance(payload, InferRequest):

@@ -9,10 +9,42 @@ from typing import Any
 
 import numpy as np
 import orjson
-from kserve.errors import InvalidInput
+from kserve.errors import InvalidInput, ModelNotFound
 from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, InferResponse
 
 INPUT_NAME = "text"
+OUTPUT_NAMES = ("label", "label_id", "probabilities")
+
+
+class NotServed(ModelNotFound):
+    """A model version or an endpoint this predictor does not serve: 404, saying what it does."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__()
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+def check_version(model_name: str, requested: str | None, served: str) -> None:
+    """A request naming a model version must name the one served (HTTP and gRPC alike)."""
+    if requested and requested != served:
+        raise NotServed(
+            f"model {model_name!r} has no version {requested!r} here: this predictor serves "
+            f"version {served!r}; leave the version out or ask for {served!r}"
+        )
+
+
+def requested_outputs(request: InferRequest) -> list[str]:
+    """The output names a v2 request asks for (all when it names none); unknown ones refused."""
+    names = [output.name for output in request.request_outputs or []]
+    unknown = [name for name in names if name not in OUTPUT_NAMES]
+    if unknown:
+        raise InvalidInput(
+            f"unknown requested output(s) {unknown}; this model's outputs are {list(OUTPUT_NAMES)}"
+        )
+    return names or list(OUTPUT_NAMES)
 
 
 def input_metadata() -> list[dict]:
@@ -67,6 +99,10 @@ def texts_from_v2(request: InferRequest, max_texts: int) -> list[str]:
         )
     tensor = request.inputs[0]
     where = f"input '{tensor.name}'"
+    if tensor.name != INPUT_NAME:
+        raise InvalidInput(
+            f"{where} is unknown: this model takes one BYTES input named '{INPUT_NAME}'"
+        )
     if tensor.datatype != "BYTES":
         raise InvalidInput(
             f"{where} has datatype {tensor.datatype}; expected BYTES (one string per text)"
@@ -94,16 +130,24 @@ def _tensor_items(tensor: InferInput, where: str) -> list[Any]:
         raise InvalidInput(f"{where}: raw contents are not a valid BYTES tensor") from None
 
 
-def texts_from_v1(payload: Any, max_texts: int) -> list[str]:
-    """The texts of a v1 `:predict` body, ``{"instances": ["text", ...]}``."""
+def texts_from_v1(payload: Any, max_texts: int, json_body: bool = False) -> list[str]:
+    """The texts of a v1 `:predict` body, ``{"instances": ["text", ...]}``.
+
+    ``json_body``: the body came as JSON, so a string ``payload`` is a JSON string.
+    """
+    if isinstance(payload, str) and json_body:
+        raise InvalidInput(
+            'request body must be a JSON object {"instances": ["text", ...]}, not a JSON string'
+        )
     if isinstance(payload, (bytes, str)):  # sent without a JSON Content-Type
         try:
             payload = orjson.loads(payload)
         except orjson.JSONDecodeError as exc:
             raise InvalidInput(f"request body is not JSON: {exc}") from None
     if not isinstance(payload, dict):
+        kind = "a JSON " + {list: "array", str: "string"}.get(type(payload), type(payload).__name__)
         raise InvalidInput(
-            f'expected a JSON object {{"instances": ["text", ...]}}, got {type(payload).__name__}'
+            f'request body must be a JSON object {{"instances": ["text", ...]}}, not {kind}'
         )
     if "instances" not in payload:
         raise InvalidInput('missing "instances": expected {"instances": ["text", ...]}')
@@ -120,7 +164,8 @@ def v2_response(
     model_name: str,
     model_version: str,
 ) -> InferResponse:
-    """`label`, `label_id` and `probabilities` outputs; the request id is echoed."""
+    """`label`, `label_id` and `probabilities`, or those the request asked for; its id echoed."""
+    wanted = requested_outputs(request)
     label_ids = probs.argmax(axis=1).tolist()
     # plain lists: KServe's to_grpc cannot take numpy data when it answers with raw contents
     outputs = [
@@ -134,6 +179,7 @@ def v2_response(
             parameters={"labels": json.dumps(labels)},
         ),
     ]
+    outputs = [output for output in outputs if output.name in wanted]
     return InferResponse(
         response_id=request.id or str(uuid.uuid4()),
         model_name=model_name,

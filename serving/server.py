@@ -38,8 +38,13 @@ class FineserveModelServer(ModelServer):
         kserve_model_server.app.add_exception_handler(
             RepositoryChangesDisabled, repository_disabled_handler
         )
-        install_http_guards(kserve_model_server.app, max_request_bytes)
+        install_http_guards(kserve_model_server.app, max_request_bytes, self._served_version)
         quiet_client_errors()
+
+    def _served_version(self, model_name: str) -> str | None:
+        model = self.registered_models.get_model(model_name)
+        classifier = getattr(model, "classifier", None)
+        return classifier.model_version if classifier is not None else None
 
 
 def serve(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import shutil
 
@@ -347,6 +348,52 @@ BAD_REQUESTS = {
         400,
         "Unrecognized request format",
     ),
+    "v2 JSON nested too deeply": (
+        _INFER,
+        {"content": b"[" * 20_000 + b"]" * 20_000, "headers": _JSON},
+        400,
+        "nested too deeply",
+    ),
+    "v2 JSON string": (_INFER, {"content": b'"hello"', "headers": _JSON}, 400, "not a JSON string"),
+    "v1 JSON string": (
+        f"/v1/models/{MODEL}:predict",
+        {"content": b'"hello"', "headers": _JSON},
+        400,
+        'must be a JSON object {"instances"',
+    ),
+    "gzip body": (
+        _INFER,
+        {
+            "content": gzip.compress(json.dumps(_GOOD).encode()),
+            "headers": {**_JSON, "content-encoding": "gzip"},
+        },
+        415,
+        "Content-Encoding 'gzip' is not supported",
+    ),
+    "unknown input name": (
+        _INFER,
+        {"json": {"inputs": [{**_GOOD["inputs"][0], "name": "txt"}]}},
+        400,
+        "input 'txt' is unknown: this model takes one BYTES input named 'text'",
+    ),
+    "unknown requested output": (
+        _INFER,
+        {"json": {**_GOOD, "outputs": [{"name": "nope"}]}},
+        400,
+        "unknown requested output(s) ['nope']",
+    ),
+    "model version not served": (
+        f"/v2/models/{MODEL}/versions/3/infer",
+        {"json": _GOOD},
+        404,
+        f"has no version '3' here: this predictor serves version '{VERSION}'",
+    ),
+    "explain without an explainer": (
+        f"/v1/models/{MODEL}:explain",
+        {"json": {"instances": ["a"]}},
+        404,
+        "has no explainer",
+    ),
     "v1 non-string instance": (
         f"/v1/models/{MODEL}:predict",
         {"json": {"instances": [{"text": "a"}]}},
@@ -419,3 +466,52 @@ def test_grpc_honours_the_request_size_limit(server, http):
     assert too_large.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert str(MAX_BYTES) in too_large.value.details()
     assert asyncio.run(call("a fine day")).get_output_by_name("label") is not None
+
+
+def test_the_served_version_answers_on_its_versioned_path(http):
+    response = http.post(f"/v2/models/{MODEL}/versions/{VERSION}/infer", json=_GOOD)
+    assert response.status_code == 200, response.text
+    assert response.json()["model_version"] == VERSION
+
+
+def test_a_client_sending_a_huge_body_reads_the_413(http, server):
+    response = http.post(_INFER, content=b"x" * (64 << 20), headers=_JSON)
+    assert response.status_code == 413
+    assert f"limit of {MAX_BYTES} bytes" in response.json()["error"]
+    assert server.alive() and http.post(_INFER, json=_GOOD).status_code == 200
+
+
+def test_grpc_and_http_accept_and_refuse_the_same_requests(server, http):
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+    from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
+
+    def grpc_call(name="text", version="", outputs=()):
+        tensor = pb.ModelInferRequest.InferInputTensor(
+            name=name,
+            datatype="BYTES",
+            shape=[1],
+            contents=pb.InferTensorContents(bytes_contents=[b"fine"]),
+        )
+        request = pb.ModelInferRequest(
+            model_name=MODEL,
+            model_version=version,
+            inputs=[tensor],
+            outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name=o) for o in outputs],
+        )
+        with grpc.insecure_channel(server.grpc_target) as channel:
+            try:
+                response = GRPCInferenceServiceStub(channel).ModelInfer(request)
+            except grpc.RpcError as err:
+                return err.code(), err.details()
+        return grpc.StatusCode.OK, [output.name for output in response.outputs]
+
+    assert grpc_call(outputs=["label"]) == (grpc.StatusCode.OK, ["label"])
+    only_label = http.post(_INFER, json={**_GOOD, "outputs": [{"name": "label"}]}).json()
+    assert [output["name"] for output in only_label["outputs"]] == ["label"]
+    assert grpc_call(version=VERSION)[0] == grpc.StatusCode.OK
+    code, details = grpc_call(version="3")
+    assert code == grpc.StatusCode.NOT_FOUND and f"serves version '{VERSION}'" in details
+    code, details = grpc_call(name="txt")
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "input 'txt' is unknown" in details
+    code, details = grpc_call(outputs=["nope"])
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "unknown requested output" in details
