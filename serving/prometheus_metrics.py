@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import re
+import time
+
+import grpc
+from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor
 from prometheus_client import Counter, Gauge, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LABELS = ("model_name", "model_version")
 
@@ -38,3 +44,87 @@ class ModelMetrics:
         self.texts.inc(num_texts)
         for wait in waits:
             self._queue_seconds.observe(wait)
+
+
+REQUESTS = Counter(
+    "fineserve_requests",
+    "Requests answered, by protocol (http, grpc), endpoint and status code",
+    ("protocol", "endpoint", "code"),
+)
+REQUEST_SECONDS = Histogram(
+    "fineserve_request_seconds",
+    "Time from a request's arrival to the end of its answer (body read, texts classified, "
+    "answer sent), by protocol and endpoint",
+    ("protocol", "endpoint"),
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+#: Endpoint labels of HTTP paths; any other path counts as "other" (a label per scanned path
+#: would grow without bound).
+_HTTP_ENDPOINTS = [
+    (re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/(infer|ready)$"), r"/v2/models/{model}/\2"),
+    (re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?$"), "/v2/models/{model}"),
+    (
+        re.compile(r"^/v2/repository/models/[^/]+/(load|unload)$"),
+        r"/v2/repository/models/{model}/\1",
+    ),
+    (re.compile(r"^/v1/models/[^/:]+:(predict|explain)$"), r"/v1/models/{model}:\1"),
+    (re.compile(r"^/v1/models/[^/:]+$"), "/v1/models/{model}"),
+    (re.compile(r"^/(v2/health/(live|ready)|v2|v1/models|v2/repository/index|metrics|)$"), r"/\1"),
+]
+
+
+def http_endpoint(path: str) -> str:
+    """The endpoint label of an HTTP path: its route with the model name left out."""
+    for pattern, label in _HTTP_ENDPOINTS:
+        match = pattern.match(path)
+        if match:
+            return match.expand(label)
+    return "other"
+
+
+def observe_request(protocol: str, endpoint: str, code: str, seconds: float) -> None:
+    """Count one answered request and time it."""
+    REQUESTS.labels(protocol, endpoint, code).inc()
+    REQUEST_SECONDS.labels(protocol, endpoint).observe(seconds)
+
+
+class HTTPRequestMetrics:
+    """ASGI middleware: counts and times every HTTP request, by endpoint and status code."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass the request on; record its status when the answer's last byte is sent."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started, status = time.perf_counter(), ["500"]
+
+        async def recording_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = str(message["status"])
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                endpoint = http_endpoint(scope["path"])
+                observe_request("http", endpoint, status[0], time.perf_counter() - started)
+
+        await self.app(scope, receive, recording_send)
+
+
+class GRPCRequestMetrics(ExceptionToStatusInterceptor):
+    """KServe's gRPC exception-to-status interceptor, counting and timing every call."""
+
+    async def intercept(self, method, request_or_iterator, context, method_name: str):
+        """Run the call as KServe does; record the status code it ends with."""
+        started = time.perf_counter()
+        endpoint = method_name.rsplit("/", 1)[-1]
+        try:
+            response = await super().intercept(method, request_or_iterator, context, method_name)
+        except BaseException:
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            observe_request("grpc", endpoint, code.name, time.perf_counter() - started)
+            raise
+        code = context.code() or grpc.StatusCode.OK
+        observe_request("grpc", endpoint, code.name, time.perf_counter() - started)
+        return response

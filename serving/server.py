@@ -5,11 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from fastapi import FastAPI
 from kserve import ModelServer
 from kserve import model_server as kserve_model_server
+from kserve.protocol.grpc import server as kserve_grpc_server
 
 from fineserve.serving.http_guards import GuardedDataPlane, install_http_guards, quiet_client_errors
 from fineserve.serving.predictor import ServeOptions, TextClassifierModel
+from fineserve.serving.prometheus_metrics import GRPCRequestMetrics, HTTPRequestMetrics
 from fineserve.serving.repository import (
     FixedModelRepository,
     RepositoryChangesDisabled,
@@ -39,12 +42,21 @@ class FineserveModelServer(ModelServer):
             RepositoryChangesDisabled, repository_disabled_handler
         )
         install_http_guards(kserve_model_server.app, max_request_bytes, self._served_version)
+        count_requests(kserve_model_server.app)
         quiet_client_errors()
 
     def _served_version(self, model_name: str) -> str | None:
         model = self.registered_models.get_model(model_name)
         classifier = getattr(model, "classifier", None)
         return classifier.model_version if classifier is not None else None
+
+
+def count_requests(app: FastAPI) -> None:
+    """Count and time every request of both protocols (`fineserve_requests_total`, ...)."""
+    build_stack = app.build_middleware_stack  # outermost: 413s and 415s are counted too
+    app.build_middleware_stack = lambda: HTTPRequestMetrics(build_stack())
+    # KServe's gRPC server builds its interceptors from this module name when it starts
+    kserve_grpc_server.ExceptionToStatusInterceptor = GRPCRequestMetrics
 
 
 def serve(

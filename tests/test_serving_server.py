@@ -515,3 +515,49 @@ def test_grpc_and_http_accept_and_refuse_the_same_requests(server, http):
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "input 'txt' is unknown" in details
     code, details = grpc_call(outputs=["nope"])
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "unknown requested output" in details
+
+
+def _counts(http) -> dict[tuple[str, str, str], float]:
+    families = text_string_to_metric_families(http.get("/metrics").text)
+    requests = next(f for f in families if f.name == "fineserve_requests")
+    return {
+        (s.labels["protocol"], s.labels["endpoint"], s.labels["code"]): s.value
+        for s in requests.samples
+        if s.name == "fineserve_requests_total"
+    }
+
+
+def test_metrics_count_requests_by_protocol_endpoint_and_status(http, server):
+    before = _counts(http)
+    assert http.post(_INFER, json=_GOOD).status_code == 200
+    assert http.post(_INFER, json={"inputs": []}).status_code == 400
+    assert http.post("/v2/models/nope/infer", json=_GOOD).status_code == 404
+    assert http.get("/no/such/path/4242").status_code == 404
+
+    async def grpc_calls():
+        client = InferenceGRPCClient(server.grpc_target, retries=0, timeout=30)
+        try:
+            await client.infer(InferRequest(MODEL, [InferInput("text", [1], "BYTES", ["a"])]))
+            with pytest.raises(grpc.aio.AioRpcError):
+                await client.infer(InferRequest(MODEL, [InferInput("text", [1], "FP32", [1.0])]))
+        finally:
+            await client.close()
+
+    asyncio.run(grpc_calls())
+    after = _counts(http)
+
+    def added(key):
+        return after.get(key, 0) - before.get(key, 0)
+
+    infer = "/v2/models/{model}/infer"
+    assert added(("http", infer, "200")) == 1
+    assert added(("http", infer, "400")) == 1
+    assert added(("http", infer, "404")) == 1
+    assert added(("http", "other", "404")) == 1  # an unknown path adds no label of its own
+    assert added(("grpc", "ModelInfer", "OK")) == 1
+    assert added(("grpc", "ModelInfer", "INVALID_ARGUMENT")) == 1
+    latency = http.get("/metrics").text
+    assert (
+        'fineserve_request_seconds_count{endpoint="/v2/models/{model}/infer",protocol="http"}'
+        in (latency)
+    )
