@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import struct
@@ -20,7 +21,7 @@ from kserve.protocol.infer_type import InferRequest
 from kserve.protocol.rest.v2_datamodels import InferenceRequest
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fineserve.serving.protocol import NotServed
 
@@ -141,7 +142,7 @@ def install_http_guards(
     app.max_body_size = max_request_bytes  # read when the middleware stack is built
     build_stack = app.build_middleware_stack  # user middleware would run inside the limiter
     app.build_middleware_stack = lambda: RequestGuard(
-        build_stack(), max_request_bytes, served_version
+        CancelOnDisconnect(build_stack()), max_request_bytes, served_version
     )
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(HTTPException, http_error_handler(max_request_bytes))
@@ -214,3 +215,58 @@ def quiet_client_errors() -> None:
     kserve_logger = logging.getLogger(KSERVE_LOGGER_NAME)
     if not any(isinstance(f, ClientErrorsAsWarnings) for f in kserve_logger.filters):
         kserve_logger.addFilter(ClientErrorsAsWarnings())
+
+
+class CancelOnDisconnect:
+    """ASGI middleware: a request whose client hung up is cancelled, not worked on.
+
+    Uvicorn does not stop a handler when its client goes: the texts of a request nobody waits
+    for any more would be tokenized and run, ahead of requests whose clients still wait. Once
+    the body is read, the next message from the server is `http.disconnect` (or comes when the
+    answer is complete); arriving before that, it cancels the handler, and the batcher skips
+    texts whose caller was cancelled.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the request; cancel it if its client disconnects before the answer is sent."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        body_read = asyncio.Event()
+        answered = False
+        next_message: asyncio.Future | None = None
+
+        async def app_receive() -> Message:
+            if body_read.is_set():  # the app listens too (e.g. a streaming answer): share it
+                return await asyncio.shield(next_message)
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_read.set()
+            return message
+
+        async def app_send(message: Message) -> None:
+            nonlocal answered
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                answered = True
+            await send(message)
+
+        handler = asyncio.ensure_future(self.app(scope, app_receive, app_send))
+        reading = asyncio.ensure_future(body_read.wait())
+        await asyncio.wait({handler, reading}, return_when=asyncio.FIRST_COMPLETED)
+        reading.cancel()
+        if not handler.done():
+            next_message = asyncio.ensure_future(receive())
+            await asyncio.wait({handler, next_message}, return_when=asyncio.FIRST_COMPLETED)
+            if not handler.done() and not answered:
+                handler.cancel()
+        try:
+            await handler
+        except asyncio.CancelledError:
+            if not handler.cancelled():
+                raise
+        finally:
+            if next_message is not None and not next_message.done():
+                next_message.cancel()

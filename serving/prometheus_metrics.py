@@ -89,7 +89,10 @@ def observe_request(protocol: str, endpoint: str, code: str, seconds: float) -> 
 
 
 class HTTPRequestMetrics:
-    """ASGI middleware: counts and times every HTTP request, by endpoint and status code."""
+    """ASGI middleware: counts and times every HTTP request, by endpoint and status code.
+
+    A request cancelled because its client hung up is counted with code 499 (as nginx does).
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -99,17 +102,22 @@ class HTTPRequestMetrics:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started, status = time.perf_counter(), ["500"]
+        started, status, answered = time.perf_counter(), ["500"], [False]
 
         async def recording_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = str(message["status"])
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body"):
+                answered[0] = True
                 endpoint = http_endpoint(scope["path"])
                 observe_request("http", endpoint, status[0], time.perf_counter() - started)
 
         await self.app(scope, receive, recording_send)
+        if status[0] == "500" and not answered[0]:  # cancelled: its client hung up
+            observe_request(
+                "http", http_endpoint(scope["path"]), "499", time.perf_counter() - started
+            )
 
 
 class GRPCRequestMetrics(ExceptionToStatusInterceptor):

@@ -561,3 +561,32 @@ def test_metrics_count_requests_by_protocol_endpoint_and_status(http, server):
         'fineserve_request_seconds_count{endpoint="/v2/models/{model}/infer",protocol="http"}'
         in (latency)
     )
+
+
+def _texts_classified(http) -> float:
+    families = text_string_to_metric_families(http.get("/metrics").text)
+    texts = next(f for f in families if f.name == "fineserve_texts")
+    return sum(s.value for s in texts.samples if s.name == "fineserve_texts_total")
+
+
+def test_requests_whose_clients_hung_up_are_not_worked_on(http, server):
+    import socket
+
+    text = " ".join(["this film was surprisingly good and the acting was great"] * 6)
+    body = json.dumps(v2_body([text] * MAX_TEXTS)).encode()
+    head = (
+        f"POST {_INFER} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    before, hung_up_before = _texts_classified(http), _counts(http)
+    abandoned = 100
+    sockets = [socket.create_connection(("127.0.0.1", server.http_port)) for _ in range(abandoned)]
+    for sock in sockets:
+        sock.sendall(head + body)
+    for sock in sockets:
+        sock.close()
+    assert http.post(_INFER, json=_GOOD).status_code == 200
+    classified = _texts_classified(http) - before
+    assert classified < abandoned * MAX_TEXTS / 2, classified  # all of them, without the fix
+    key = ("http", "/v2/models/{model}/infer", "499")
+    assert _counts(http).get(key, 0) - hung_up_before.get(key, 0) > abandoned / 2
