@@ -14,6 +14,7 @@ from kserve.protocol.infer_type import InferRequest, InferResponse
 from fineserve.serving import protocol
 from fineserve.serving.batcher import DynamicBatcher
 from fineserve.serving.engine import UNPAD_MODES, TextClassifier, pick_device, plan_workers
+from fineserve.serving.memory import IdleMemoryTrimmer
 from fineserve.serving.prometheus_metrics import ModelMetrics
 
 
@@ -64,6 +65,7 @@ class TextClassifierModel(Model):
         self.classifier: TextClassifier | None = None
         self.batcher: DynamicBatcher | None = None
         self.metrics: ModelMetrics | None = None
+        self.memory = IdleMemoryTrimmer()
 
     def load(self) -> bool:
         """Load weights and tokenizer, warm up once, and set up the batcher."""
@@ -128,6 +130,15 @@ class TextClassifierModel(Model):
         self, payload: dict | InferRequest, headers: dict[str, str] | None = None
     ) -> dict | InferResponse:
         """Validate the texts (400 on bad input), classify them in a batch, answer in kind."""
+        self.memory.started()
+        try:
+            return await self._predict(payload, headers)
+        finally:
+            self.memory.finished()
+
+    async def _predict(
+        self, payload: dict | InferRequest, headers: dict[str, str] | None
+    ) -> dict | InferResponse:
         limit = self.options.max_texts_per_request
         if isinstance(payload, InferRequest):
             version = self.classifier.model_version

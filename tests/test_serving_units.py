@@ -501,3 +501,33 @@ def test_the_tokenizer_sees_a_bounded_prefix_of_a_huge_text(tiny_classifier):
     (ids,) = classifier.token_ids([huge])
     assert len(ids) == classifier.max_length
     assert seen == [classifier.max_length * CHARS_PER_TOKEN_BOUND]
+
+
+def test_memory_is_trimmed_once_idle_and_at_most_every_interval():
+    from fineserve.serving.memory import IdleMemoryTrimmer
+
+    trims = []
+
+    async def scenario():
+        trimmer = IdleMemoryTrimmer(min_interval_s=0.2, trim=trims.append)
+        trimmer.started()
+        trimmer.started()
+        trimmer.finished()
+        await asyncio.sleep(0.01)
+        assert trims == []  # one still in flight
+        trimmer.finished()
+        await asyncio.sleep(0.01)
+        assert trims == [0]  # idle: trimmed
+        trimmer.started()
+        trimmer.finished()
+        await asyncio.sleep(0.05)
+        assert trims == [0]  # too soon after the last trim...
+        await asyncio.sleep(0.25)
+        assert trims == [0, 0]  # ...so it comes when the interval is over
+        trimmer.started()
+        await asyncio.sleep(0.3)
+        trimmer.finished()
+        await asyncio.sleep(0.01)
+        assert trims == [0, 0, 0]
+
+    asyncio.run(scenario())
