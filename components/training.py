@@ -195,19 +195,39 @@ def make_trainer(args, model, data, tokenizer, early_stopping_patience: int, gro
     )
 
 
+def last_complete_checkpoint(checkpoint_dir: str) -> str | None:
+    """The newest checkpoint the Trainer finished writing, if any.
+
+    The Trainer writes `trainer_state.json` last: a checkpoint without a readable one was cut
+    short (the step was killed while saving) and is removed, not resumed from.
+    """
+
+    def step(path: Path) -> int:
+        return int(path.name.rsplit("-", 1)[-1])
+
+    checkpoints = [p for p in Path(checkpoint_dir).glob("checkpoint-*") if p.name[11:].isdigit()]
+    newest = None
+    for path in sorted(checkpoints, key=step):
+        try:
+            json.loads((path / TRAINER_STATE_FILE).read_text())
+            newest = path
+        except (OSError, ValueError):
+            log.warning("removing %s: the run was stopped before it finished writing it", path)
+            shutil.rmtree(path)
+    return str(newest) if newest else None
+
+
 def resumable_checkpoint(checkpoint_dir: str, run_key: dict[str, Any]) -> str | None:
-    """The last checkpoint of an interrupted run with the same inputs and settings, if any.
+    """The last complete checkpoint of an interrupted run with the same inputs and settings.
 
     Checkpoints of a different run (other data, model or hyperparameters) are cleared rather
     than resumed: resuming them would silently train on the wrong inputs.
     """
-    from transformers.trainer_utils import get_last_checkpoint
-
     key_file = Path(checkpoint_dir, "fineserve_run.json")
     if os.path.isdir(checkpoint_dir):
         if key_file.exists() and json.loads(key_file.read_text()) == run_key:
-            return get_last_checkpoint(checkpoint_dir)
-        if get_last_checkpoint(checkpoint_dir):
+            return last_complete_checkpoint(checkpoint_dir)
+        if any(Path(checkpoint_dir).glob("checkpoint-*")):
             log.warning("ignoring checkpoints in %s: they belong to another run", checkpoint_dir)
         shutil.rmtree(checkpoint_dir)
     Path(checkpoint_dir).mkdir(parents=True)
