@@ -270,7 +270,7 @@ class Server:
     """`python -m fineserve.serving` as a subprocess on free local ports."""
 
     def __init__(self, model_dir: Path, name: str, knobs: list[str], log: Path) -> None:
-        self.port = _free_port()
+        self.port, self.grpc_port = _free_port(), _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.name = name
         self.argv = [
@@ -284,7 +284,7 @@ class Server:
             "--http_port",
             str(self.port),
             "--grpc_port",
-            str(_free_port()),
+            str(self.grpc_port),
             *knobs,
         ]
         self.log = log
