@@ -70,12 +70,25 @@ def check_model_name(model_name: str) -> None:
         raise DataError(f"model_name must be a plain registry name, got {model_name!r}")
 
 
-def experiment_id(client, experiment_name: str, artifact_location: str) -> str:
-    """The id of ``experiment_name``, created (with ``artifact_location``) when missing."""
-    experiment = client.get_experiment_by_name(experiment_name)
-    if experiment:
-        return experiment.experiment_id
-    return client.create_experiment(experiment_name, artifact_location or None)
+def experiment_id(
+    client, experiment_name: str, artifact_location: str, tracking_uri: str = ""
+) -> str:
+    """The id of ``experiment_name``, created (with ``artifact_location``) when missing.
+
+    This is the step's first call to MLflow: a tracking URI it cannot use fails here, named.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        experiment = client.get_experiment_by_name(experiment_name)
+        if experiment:
+            return experiment.experiment_id
+        return client.create_experiment(experiment_name, artifact_location or None)
+    except MlflowException as err:
+        raise DataError(
+            f"MLflow at tracking_uri {tracking_uri!r} refused experiment {experiment_name!r}: "
+            f"{err.message}; check tracking_uri (and artifact_location)"
+        ) from err
 
 
 def existing_run(client, experiment: str, pipeline_run_id: str) -> str | None:
@@ -173,7 +186,7 @@ def register(
     tracking_uri = registry.resolve_tracking_uri(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     client = registry.mlflow_client(tracking_uri)
-    experiment = step.experiment_id(client, experiment_name, artifact_location)
+    experiment = step.experiment_id(client, experiment_name, artifact_location, tracking_uri)
     info = artifacts.read_model_info(model.path)
     evaluation = artifacts.read_evaluation_results(results.path)
     tags = {

@@ -172,6 +172,24 @@ def clean_up(model_dir: str, checkpoint_dir: str) -> None:
     shutil.rmtree(checkpoint_dir)
 
 
+def load_base_model(base_model: str, revision: str, label_names: list[str]):
+    """The base checkpoint with a fresh classification head for ``label_names``."""
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            base_model,
+            revision=revision or None,
+            num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)),
+            label2id={name: i for i, name in enumerate(label_names)},
+        )
+    except (OSError, ValueError) as err:
+        raise DataError(
+            f"cannot load base_model {base_model!r} as a sequence classifier: {err}"
+        ) from err
+
+
 def make_trainer(args, model, data, tokenizer, early_stopping_patience: int, group_by_length: bool):
     """The Trainer: dynamic padding, macro-F1 model selection, optional early stopping."""
     import torch
@@ -290,7 +308,6 @@ def train(
 
     import torch
     from transformers import (
-        AutoModelForSequenceClassification,
         AutoTokenizer,
         TrainingArguments,
         set_seed,
@@ -306,13 +323,7 @@ def train(
     token_stats = artifacts.read_token_stats(tokenized.path)
 
     set_seed(seed)
-    classifier = AutoModelForSequenceClassification.from_pretrained(
-        base_model,
-        revision=base_model_revision or None,
-        num_labels=len(label_names),
-        id2label=dict(enumerate(label_names)),
-        label2id={name: i for i, name in enumerate(label_names)},
-    )
+    classifier = step.load_base_model(base_model, base_model_revision, label_names)
     flags = step.precision_flags()
     checkpoint_dir = checkpoint_dir or f"{model.path.rstrip('/')}.checkpoints"
     args = TrainingArguments(

@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from fineserve.core.errors import DataError, ParameterError
+from fineserve.core.errors import DataError, ParameterError, RegistryError
 
 
 def _compile(args: argparse.Namespace) -> None:
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ParameterError, DataError) as err:
+    except (ParameterError, DataError, RegistryError) as err:
         print(f"fineserve {args.command}: {err}", file=sys.stderr)
         raise SystemExit(2) from err
     except RuntimeError as err:  # kfp.local: a step failed; its log above says why

@@ -19,6 +19,10 @@ from typing import TextIO
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _STARTED = re.compile(r"Executing task '([^']+)'")
 _FINISHED = re.compile(r"Task '([^']+)' finished with status (\w+)")
+#: The last line of a Python traceback: `package.module.SomeError: message`.
+_RAISED = re.compile(r"^\s*(?:[\w.]+\.)?(\w*(?:Error|Exception|Exit)\w*): (.*)$")
+#: Errors whose message is written for the user: shown alone.
+_USER_ERRORS = ("DataError", "ParameterError", "RegistryError")
 #: Lines of a failed step's output shown on the console (the rest are in the log).
 FAILURE_TAIL = 15
 
@@ -69,8 +73,7 @@ class RunConsole(io.TextIOBase):
             task, state = finished.groups()
             seconds = time.monotonic() - self._started
             if state != "SUCCESS":
-                for recent in self._recent:
-                    self._show(f"{task:<10} | {recent}")
+                self._show_failure(task)
             self._show(f"{task:<10} {state} in {seconds:.1f} s")
             self._task = None
         elif self._task:
@@ -79,6 +82,20 @@ class RunConsole(io.TextIOBase):
             progress = training_progress(line)
             if progress:
                 self._show(f"{self._task:<10}   {progress}")
+
+    def _show_failure(self, task: str) -> None:
+        """The error a failed step raised, or its last lines when none is recognisable."""
+        raised = [m for m in map(_RAISED.match, self._recent) if m]
+        if not raised:
+            for recent in self._recent:
+                self._show(f"{task:<10} | {recent}")
+            return
+        kind, message = raised[-1].groups()
+        self._show(
+            f"{task:<10} error: {message}"
+            if kind in _USER_ERRORS
+            else f"{task:<10} {kind}: {message}"
+        )
 
 
 def training_progress(line: str) -> str | None:

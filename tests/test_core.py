@@ -2,7 +2,6 @@
 
 import json
 
-import mlflow
 import pytest
 
 from fineserve.core import artifacts, registry
@@ -70,7 +69,7 @@ def test_registry_uris_resolve_to_a_version_and_its_model_directory(client):
         "2",
     )
     assert registry.pin_registry_version("/some/dir", client) == ("/some/dir", None)
-    with pytest.raises(mlflow.exceptions.MlflowException, match="nope"):
+    with pytest.raises(RegistryError, match=r"cannot resolve 'models:/sentiment@nope'.*nope"):
         registry.resolve_version(client, f"models:/{NAME}@nope")
     location = registry.model_dir_uri(client, NAME, "1")
     assert location.endswith("/model/artifacts/hf_model")

@@ -83,5 +83,8 @@ def test_a_failing_step_fails_the_run_with_its_message(small_corpus_csv, tmp_pat
     )
     assert "Inner task failed" in output and "download" in output
     assert re.search(r"^download +FAILURE in", run.stdout, re.MULTILINE), run.stdout
+    # the step's own message, without the traceback around it
+    assert "download   error: text column 'body' is missing from split 'train'" in run.stdout
+    assert "Traceback" not in run.stdout
     assert "the full output of every step is in" in run.stdout
     assert len(run.stdout.splitlines()) < 40

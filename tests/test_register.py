@@ -9,7 +9,7 @@ from steps import register_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from fineserve.core.artifacts import MODEL_INFO_FILE
-from fineserve.core.errors import DataError
+from fineserve.core.errors import DataError, RegistryError
 
 RESULTS = {
     "label_names": ["negative", "neutral", "positive"],
@@ -124,3 +124,16 @@ def test_a_retried_step_reuses_its_run_and_version(model_dir, evaluation, tmp_pa
 def test_refuses_a_model_name_that_is_a_uri(model_dir, evaluation, tmp_path):
     with pytest.raises(DataError, match="model_name must be a plain registry name"):
         register_model(str(model_dir), *evaluation, model_name="models:/x", pipeline_run_id="r")
+
+
+def test_a_tracking_uri_mlflow_cannot_use_fails_naming_it(model_dir, evaluation, tmp_path):
+    with pytest.raises(
+        RegistryError, match=r"MLflow cannot use the tracking URI 'nosuchscheme://x'"
+    ):
+        register_model(
+            str(model_dir),
+            *evaluation,
+            model_name="m",
+            pipeline_run_id="r",
+            tracking_uri="nosuchscheme://x",
+        )

@@ -134,3 +134,22 @@ def test_fineserve_serve_model_uri(registered_model, tiny_classifier, tmp_path, 
 
 def expected_label(probs) -> str:
     return ["negative", "neutral", "positive"][int(probs.argmax())]
+
+
+def test_fineserve_serve_with_an_unknown_alias_says_so(registered_model, capsys):
+    from fineserve.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(
+            [
+                "serve",
+                "--model-uri",
+                f"models:/{NAME}@nope",
+                "--tracking-uri",
+                registered_model["uri"],
+            ]
+        )
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert f"fineserve serve: cannot resolve 'models:/{NAME}@nope' in the registry" in error
+    assert "Traceback" not in error

@@ -310,3 +310,10 @@ def test_a_test_split_big_enough_has_no_warning():
     assert small_test_split_warnings(["a", "b"], [60, 40]) == []
     (warning,) = small_test_split_warnings(["a", "b"], [95, 5])
     assert "(5 of class 'b')" in warning
+
+
+def test_a_base_model_that_is_not_a_model_fails_naming_it(tokenized_dir, tmp_path):
+    not_a_model = tmp_path / "tokenizer-only"
+    AutoTokenizer.from_pretrained(tokenized_dir / "tokenizer").save_pretrained(not_a_model)
+    with pytest.raises(DataError, match=r"cannot load base_model '.*tokenizer-only' as a seq"):
+        train_model(str(tokenized_dir), str(tmp_path / "m"), base_model=str(not_a_model), **FAST)

@@ -27,9 +27,13 @@ def resolve_tracking_uri(explicit: str | None = None) -> str:
 def mlflow_client(tracking_uri: str | None = None) -> MlflowClient:
     """An MLflow client for ``tracking_uri`` (resolved as `resolve_tracking_uri` does)."""
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     uri = resolve_tracking_uri(tracking_uri)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    try:
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    except MlflowException as err:
+        raise RegistryError(f"MLflow cannot use the tracking URI {uri!r}: {err.message}") from err
 
 
 def get_alias(client: MlflowClient, model_name: str, alias: str) -> str | None:
@@ -72,9 +76,13 @@ def resolve_version(client: MlflowClient, uri: str) -> tuple[str, str] | None:
 
     None for a ``models:/<logged model id>`` URI, which names no registry version.
     """
+    from mlflow.exceptions import MlflowException
     from mlflow.store.artifact.utils.models import get_model_name_and_version
 
-    resolved = get_model_name_and_version(client, uri)
+    try:
+        resolved = get_model_name_and_version(client, uri)
+    except MlflowException as err:
+        raise RegistryError(f"cannot resolve {uri!r} in the registry: {err.message}") from err
     if len(resolved) != 2:
         return None
     name, version = resolved
