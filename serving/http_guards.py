@@ -57,7 +57,25 @@ def _too_large(max_request_bytes: int) -> JSONResponse:
 _VERSIONED = re.compile(r"^/v2/models/(?P<name>[^/]+)/versions/(?P<version>[^/]+)(?P<rest>/.*)?$")
 
 
-class RequestGuard:
+class HTTPMiddleware:
+    """An ASGI middleware for HTTP requests; anything else (lifespan) passes through."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Hand HTTP requests to `handle`, anything else to the app."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        await self.handle(scope, receive, send)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one HTTP request."""
+        raise NotImplementedError
+
+
+class RequestGuard(HTTPMiddleware):
     """Checks a request's head before the app reads its body.
 
     - A Content-Length over the limit gets the 413 that names it. Starlette's body limiter
@@ -71,14 +89,12 @@ class RequestGuard:
     def __init__(
         self, app: ASGIApp, max_request_bytes: int, served_version: Callable[[str], str | None]
     ) -> None:
-        self.app, self.max_request_bytes = app, max_request_bytes
+        super().__init__(app)
+        self.max_request_bytes = max_request_bytes
         self.served_version = served_version
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Answer bad heads (413, 415, 404) at once; pass anything else on."""
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
         headers = Headers(scope=scope)
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_request_bytes:
@@ -217,7 +233,7 @@ def quiet_client_errors() -> None:
         kserve_logger.addFilter(ClientErrorsAsWarnings())
 
 
-class CancelOnDisconnect:
+class CancelOnDisconnect(HTTPMiddleware):
     """ASGI middleware: a request whose client hung up is cancelled, not worked on.
 
     Uvicorn does not stop a handler when its client goes: the texts of a request nobody waits
@@ -227,14 +243,8 @@ class CancelOnDisconnect:
     texts whose caller was cancelled.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Run the request; cancel it if its client disconnects before the answer is sent."""
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
         body_read = asyncio.Event()
         answered = False
         next_message: asyncio.Future | None = None

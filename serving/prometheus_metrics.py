@@ -8,7 +8,9 @@ import time
 import grpc
 from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor
 from prometheus_client import Counter, Gauge, Histogram
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
+
+from fineserve.serving.http_guards import HTTPMiddleware
 
 LABELS = ("model_name", "model_version")
 
@@ -88,20 +90,14 @@ def observe_request(protocol: str, endpoint: str, code: str, seconds: float) -> 
     REQUEST_SECONDS.labels(protocol, endpoint).observe(seconds)
 
 
-class HTTPRequestMetrics:
+class HTTPRequestMetrics(HTTPMiddleware):
     """ASGI middleware: counts and times every HTTP request, by endpoint and status code.
 
     A request cancelled because its client hung up is counted with code 499 (as nginx does).
     """
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Pass the request on; record its status when the answer's last byte is sent."""
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
         started, status, answered = time.perf_counter(), ["500"], [False]
 
         async def recording_send(message: Message) -> None:
