@@ -187,6 +187,7 @@ def evaluate(
             y_true, y_pred, num_labels, n_resamples=n_bootstrap, seed=seed
         ),
         "baseline": None,
+        "predictions": [int(p) for p in y_pred],
     }
     result["warnings"] = step.small_test_split_warnings(label_names, result["model"]["support"])
     for warning in result["warnings"]:

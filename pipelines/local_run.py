@@ -56,6 +56,8 @@ class LocalRun:
             f"  MLflow run {self.outputs['mlflow_run_id']} in experiment "
             f"{arguments['experiment_name']!r} at {arguments['tracking_uri']}",
             f"  model version {name} v{version} (alias @{CHALLENGER})",
+            f"  gate: {'passed' if self.outputs['gate_passed'] else 'failed'}: "
+            f"{self.outputs['gate_reason']} (no deploy step yet: roll out by hand)",
             f"  artifacts: {self.run_dir}",
             f"    model {self.run_dir / 'train' / 'model'}",
             f"    report {self.run_dir / 'evaluate' / 'report'}",

@@ -1,4 +1,4 @@
-"""The training DAG: download → tokenize → train → evaluate → register.
+"""The training DAG: download → tokenize → train → evaluate → register → gate.
 
 Every step parameter is a pipeline parameter (see `fineserve.pipelines.step_parameters`): a
 knob added to a component appears here, in `fineserve params` and in the Kubeflow UI with no
@@ -12,6 +12,7 @@ from kfp import dsl
 
 from fineserve.components.download import download
 from fineserve.components.evaluation import evaluate
+from fineserve.components.gate import gate
 from fineserve.components.registration import register
 from fineserve.components.tokenization import tokenize
 from fineserve.components.training import train
@@ -26,8 +27,8 @@ from fineserve.pipelines.step_parameters import Step, pipeline_function, pipelin
 
 PIPELINE_NAME = "fineserve-training"
 DESCRIPTION = (
-    "Fine-tune a Hugging Face text classifier, evaluate it against a TF-IDF baseline, and "
-    "register it in MLflow with the alias `challenger`."
+    "Fine-tune a Hugging Face text classifier, evaluate it against a TF-IDF baseline, register "
+    "it in MLflow with the alias `challenger`, and gate it against the `champion`."
 )
 DOWNLOAD_RETRIES = 3
 
@@ -40,6 +41,8 @@ class TrainingOutputs(NamedTuple):
     model_version: str
     storage_uri: str
     mlflow_run_id: str
+    gate_passed: bool
+    gate_reason: str
 
 
 OUTPUT_DOCS = {
@@ -48,6 +51,8 @@ OUTPUT_DOCS = {
     "model_version": "The MLflow model version registered (alias `challenger`).",
     "storage_uri": "Where that version's HF directory is stored (a KServe `storageUri`).",
     "mlflow_run_id": "The MLflow run holding parameters, metrics and the report.",
+    "gate_passed": "Whether the gate lets the new version replace the champion.",
+    "gate_reason": "Why the gate decided so, in a sentence.",
 }
 
 DOWNLOAD = Step(
@@ -58,7 +63,8 @@ TOKENIZE = Step(tokenize)
 TRAIN = Step(train)
 EVALUATE = Step(evaluate, hidden=("batch_size",))
 REGISTER = Step(register, hidden=("alias", "image", "pipeline_run_id"))
-STEPS = [DOWNLOAD, TOKENIZE, TRAIN, EVALUATE, REGISTER]
+GATE = Step(gate, hidden=("challenger_version",))
+STEPS = [DOWNLOAD, TOKENIZE, TRAIN, EVALUATE, REGISTER, GATE]
 
 #: Where the pipeline's default differs from the step's: the cluster run's data, model, MLflow.
 CLUSTER_DEFAULTS: dict[str, Any] = {
@@ -117,12 +123,22 @@ def build_training_pipeline(download_retries: int = DOWNLOAD_RETRIES):
         )
         registered.set_display_name("register")
 
+        gated = gate(
+            dataset=data.outputs["dataset"],
+            results=scored.outputs["results"],
+            challenger_version=registered.outputs["model_version"],
+            **GATE.arguments(values),
+        )
+        gated.set_display_name("gate")
+
         return TrainingOutputs(
             accuracy=scored.outputs["accuracy"],
             macro_f1=scored.outputs["macro_f1"],
             model_version=registered.outputs["model_version"],
             storage_uri=registered.outputs["storage_uri"],
             mlflow_run_id=registered.outputs["run_id"],
+            gate_passed=gated.outputs["passed"],
+            gate_reason=gated.outputs["reason"],
         )
 
     func = pipeline_function(

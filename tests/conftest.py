@@ -90,3 +90,40 @@ def small_corpus_csv(tmp_path_factory, corpus_frame) -> Path:
     # quote every field: some tweets hold a bare carriage return, which unquoted ends the row
     sample.sample(frac=1.0, random_state=0).to_csv(path, index=False, quoting=csv.QUOTE_ALL)
     return path
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 (SQLite store, proxied artifacts): its URL."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    from serving_helpers import free_port
+
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    argv = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1"]
+    argv += ["--port", str(port), "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"]
+    argv += ["--artifacts-destination", str(root / "artifacts"), "--workers", "1"]
+    with open(root / "server.log", "wb") as log:
+        server = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, (root / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "mlflow server did not start in 120 s"
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()

@@ -29,7 +29,7 @@ LAYERS = [
 #: Modules of the steps: no step imports another step's module.
 STEP_MODULES = {
     f"fineserve.components.{name}"
-    for name in ("download", "tokenization", "training", "evaluation", "registration")
+    for name in ("download", "tokenization", "training", "evaluation", "registration", "gate")
 }
 BARE_NAMES = ("components", "pipelines", "serving")
 

@@ -41,7 +41,7 @@ def test_local_run_registers_a_version_with_alias_and_metrics(
     lines = out.splitlines()
     # a person reads a line per step, the training progress and the summary...
     assert len(lines) < 40, out
-    for task in ("download", "tokenize", "train", "evaluate", "register"):
+    for task in ("download", "tokenize", "train", "evaluate", "register", "gate"):
         assert re.search(rf"^{task} +SUCCESS in \d+\.\d s$", out, re.MULTILINE), out
     assert re.search(r"^train +epoch 1: validation macro-F1 0\.\d{4}, accuracy", out, re.M), out
     assert "macro-F1" in out and "TF-IDF + logistic regression baseline" in out
@@ -51,6 +51,7 @@ def test_local_run_registers_a_version_with_alias_and_metrics(
     assert "Task \x1b[96m'register'\x1b[0m finished with status \x1b[92mSUCCESS" in log
     assert "Got executor_input" in log and "executor_input" not in out
     assert "model version e2e v1 (alias @challenger)" in out
+    assert "gate: passed: no champion yet: the absolute threshold decides" in out
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     version = client.get_model_version_by_alias("e2e", "challenger")
@@ -60,6 +61,7 @@ def test_local_run_registers_a_version_with_alias_and_metrics(
     )
     assert run_data.params["rows_train"] == "240"
     assert version.tags["fineserve.dataset_fingerprint"] == run_data.params["dataset_fingerprint"]
+    assert version.tags["fineserve.gate.passed"] == "true"
     assert (tmp_path / "local_outputs").is_dir() and (tmp_path / "mlartifacts").is_dir()
 
 

@@ -6,7 +6,14 @@ import sys
 import pytest
 import yaml
 
-from fineserve.components import download, evaluation, registration, tokenization, training
+from fineserve.components import (
+    download,
+    evaluation,
+    gate,
+    registration,
+    tokenization,
+    training,
+)
 from fineserve.core.errors import ParameterError
 from fineserve.pipelines.parameters import (
     load_params_file,
@@ -16,7 +23,7 @@ from fineserve.pipelines.parameters import (
 )
 from fineserve.pipelines.training_pipeline import training_pipeline
 
-TASKS = {"download", "tokenize", "train", "evaluate", "register"}
+TASKS = {"download", "tokenize", "train", "evaluate", "register", "gate"}
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +39,7 @@ def compiled(tmp_path_factory) -> dict:
     return yaml.safe_load(out.read_text())
 
 
-def test_dag_has_five_tasks_in_order(compiled):
+def test_dag_has_six_tasks_in_order(compiled):
     tasks = compiled["root"]["dag"]["tasks"]
     assert set(tasks) == TASKS
     deps = {name: set(task.get("dependentTasks", [])) for name, task in tasks.items()}
@@ -42,6 +49,7 @@ def test_dag_has_five_tasks_in_order(compiled):
         "train": {"tokenize"},
         "evaluate": {"download", "train"},
         "register": {"evaluate", "train"},
+        "gate": {"download", "evaluate", "register"},
     }
     assert all(task["cachingOptions"].get("enableCache") for task in tasks.values())
 
@@ -82,6 +90,7 @@ def test_cluster_defaults(compiled):
         training.train,
         evaluation.evaluate,
         registration.register,
+        gate.gate,
     ],
 )
 def test_every_component_argument_is_documented(component):

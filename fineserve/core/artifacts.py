@@ -44,6 +44,10 @@ TAG_DATASET_FINGERPRINT = "fineserve.dataset_fingerprint"
 TAG_BASE_MODEL = "fineserve.base_model"
 TAG_IMAGE = "fineserve.image"
 TAG_STORAGE_URI = "fineserve.storage_uri"
+#: The gate's decision on a version: "true" or "false", why, and its numbers under the prefix.
+TAG_GATE_PREFIX = "fineserve.gate."
+TAG_GATE_PASSED = TAG_GATE_PREFIX + "passed"
+TAG_GATE_REASON = TAG_GATE_PREFIX + "reason"
 #: The version a run just registered; the gate compares it with the champion.
 CHALLENGER = "challenger"
 #: The version serving all traffic.
@@ -103,10 +107,12 @@ class _EvaluationNumbers(TypedDict):
 class EvaluationResults(_EvaluationNumbers, total=False):
     """The evaluate step's `results` JSON: every number of the evaluation.
 
-    `warnings` (absent in older results) says why the scores may mean little.
+    `warnings` (absent in older results) says why the scores may mean little; `predictions`
+    holds the predicted class id of each test row, in order (the gate's paired comparison).
     """
 
     warnings: list[str]
+    predictions: list[int]
 
 
 def _write_json(path: Path, data: Any) -> None:
