@@ -1,5 +1,6 @@
 """`fineserve run --local` end to end: the real DAG, a tiny BERT, a real MLflow store."""
 
+import os
 import re
 import subprocess
 import sys
@@ -11,9 +12,13 @@ pytestmark = pytest.mark.slow
 
 
 def _fineserve(*args: str, cwd) -> subprocess.CompletedProcess:
+    # the local default store: MLFLOW_TRACKING_URI (which mlflow.set_tracking_uri exports
+    # from other tests in this process) would name another
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     return subprocess.run(
         [sys.executable, "-m", "fineserve", *args],
         cwd=cwd,
+        env=env,
         capture_output=True,
         text=True,
         timeout=600,
