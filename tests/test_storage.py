@@ -127,7 +127,7 @@ def _registered(model_dir, tmp_path, **where) -> dict:
         str(tmp_path / "r.json"),
         str(tmp_path / "r.md"),
         model_name="on-s3",
-        pipeline_run_id="run-1",
+        pipeline_run_id=f"storage-{tmp_path.name}",  # its own MLflow run on a shared server
         **where,
     )
 
