@@ -31,6 +31,7 @@ class LocalRun:
     metrics: dict[str, float]
     train_info: dict[str, Any]
     seconds: float
+    warnings: list[str]  # why the test scores may mean little (evaluate's results)
 
     def summary(self, arguments: dict[str, Any]) -> str:
         """What the user reads at the end of `fineserve run --local`."""
@@ -42,8 +43,7 @@ class LocalRun:
             f"{m['accuracy_ci_high']:.4f}]  macro-F1 {m['macro_f1']:.4f} "
             f"[{m['macro_f1_ci_low']:.4f}, {m['macro_f1_ci_high']:.4f}] (95% bootstrap CI)",
         ]
-        results = read_evaluation_results(self.run_dir / "evaluate" / "results")
-        lines += [f"  WARNING: {warning}" for warning in results.get("warnings", [])]
+        lines += [f"  WARNING: {warning}" for warning in self.warnings]
         if "baseline_macro_f1" in m:
             lines.append(
                 f"  TF-IDF + logistic regression baseline: accuracy {m['baseline_accuracy']:.4f}"
@@ -131,4 +131,5 @@ def run_local(
         metrics=summary_metrics(results),
         train_info=train_info,
         seconds=seconds,
+        warnings=results.get("warnings", []),
     )

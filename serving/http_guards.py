@@ -23,7 +23,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fineserve.serving.protocol import NotServed
+from fineserve.serving.protocol import NotServed, check_version
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -109,14 +109,12 @@ class RequestGuard(HTTPMiddleware):
         if versioned:
             name, version = versioned.group("name"), versioned.group("version")
             served = self.served_version(name)
-            if served is not None and version != served:
-                reason = NotServed(
-                    f"model {name!r} has no version {version!r} here: this predictor serves "
-                    f"version {served!r}"
-                ).reason
-                await _error(404, reason)(scope, receive, send)
-                return
             if served is not None:
+                try:
+                    check_version(name, version, served)
+                except NotServed as err:
+                    await _error(404, err.reason)(scope, receive, send)
+                    return
                 path = f"/v2/models/{name}{versioned.group('rest') or ''}"
                 scope = {**scope, "path": path, "raw_path": path.encode()}
         await self.app(scope, receive, send)
@@ -245,38 +243,35 @@ class CancelOnDisconnect(HTTPMiddleware):
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Run the request; cancel it if its client disconnects before the answer is sent."""
-        body_read = asyncio.Event()
         answered = False
-        next_message: asyncio.Future | None = None
+        watcher: asyncio.Future | None = None  # the next message once the body is read
+
+        def client_gone(message: asyncio.Future) -> None:
+            if not message.cancelled() and not answered:
+                handler.cancel()
 
         async def app_receive() -> Message:
-            if body_read.is_set():  # the app listens too (e.g. a streaming answer): share it
-                return await asyncio.shield(next_message)
+            nonlocal watcher
+            if watcher is not None:  # the app listens too (e.g. a streaming answer): share it
+                return await asyncio.shield(watcher)
             message = await receive()
             if message["type"] != "http.request" or not message.get("more_body", False):
-                body_read.set()
+                watcher = asyncio.ensure_future(receive())
+                watcher.add_done_callback(client_gone)
             return message
 
         async def app_send(message: Message) -> None:
             nonlocal answered
             if message["type"] == "http.response.body" and not message.get("more_body"):
-                answered = True
+                answered = True  # before the send: the answer's end is no hang-up
             await send(message)
 
         handler = asyncio.ensure_future(self.app(scope, app_receive, app_send))
-        reading = asyncio.ensure_future(body_read.wait())
-        await asyncio.wait({handler, reading}, return_when=asyncio.FIRST_COMPLETED)
-        reading.cancel()
-        if not handler.done():
-            next_message = asyncio.ensure_future(receive())
-            await asyncio.wait({handler, next_message}, return_when=asyncio.FIRST_COMPLETED)
-            if not handler.done() and not answered:
-                handler.cancel()
         try:
             await handler
         except asyncio.CancelledError:
             if not handler.cancelled():
                 raise
         finally:
-            if next_message is not None and not next_message.done():
-                next_message.cancel()
+            if watcher is not None and not watcher.done():
+                watcher.cancel()
