@@ -50,3 +50,53 @@ def register_model(model_dir, results_path, report_path, **params) -> dict:
         register, model=model_dir, results=results_path, report=report_path, **params
     )
     return dict(call.outputs._asdict())
+
+
+def register_copy(model_dir, work_dir, **params) -> dict:
+    """Register a copy of the HF directory ``model_dir`` as the register step does after a run.
+
+    The copy gets the `fineserve.json` a train step writes and placeholder evaluation results
+    (macro-F1 0.5); ``params`` are the register step's (model_name, tracking_uri, ...).
+    """
+    import json
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    work = Path(tempfile.mkdtemp(dir=work_dir, prefix="register-"))
+    copy = work / "model"
+    shutil.copytree(model_dir, copy)
+    id2label = AutoConfig.from_pretrained(copy).id2label
+    labels = [id2label[i] for i in range(len(id2label))]
+    info = {
+        "base_model": "tiny",
+        "max_length": 64,
+        "labels": labels,
+        "device": "cpu",
+        "precision": "fp32",
+        "dataset": {"source": "c.csv", "fingerprint": "f" * 64, "rows": {"test": 3}},
+        "hyperparameters": {"seed": 0},
+        "train_metrics": {},
+    }
+    (copy / "fineserve.json").write_text(json.dumps(info))
+    results = {
+        "label_names": labels,
+        "test_rows": 3,
+        "n_bootstrap": 10,
+        "model": {
+            "accuracy": 0.5,
+            "macro_f1": 0.5,
+            "f1": [0.5] * len(labels),
+            "confusion_matrix": [[int(i == j) for j in labels] for i in labels],
+        },
+        "confidence_intervals": {"accuracy": [0, 1], "macro_f1": [0, 1]},
+        "baseline": None,
+    }
+    (work / "results.json").write_text(json.dumps(results))
+    (work / "report.md").write_text("# report\n")
+    return {
+        **register_model(str(copy), str(work / "results.json"), str(work / "report.md"), **params),
+        "model_dir": copy,
+    }

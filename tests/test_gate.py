@@ -6,7 +6,7 @@ import datasets
 import mlflow
 import numpy as np
 import pytest
-from steps import download_dataset, register_model
+from steps import download_dataset, register_copy
 
 from fineserve.components.classification_metrics import paired_bootstrap_macro_f1
 from fineserve.components.decorator import call_component
@@ -77,17 +77,6 @@ def gate_setup(mlflow_server, tiny_classifier, small_corpus_csv, tmp_path_factor
     )
     y_true = np.asarray(test["label"])
     champion = TextClassifier(tiny_classifier, device="cpu").predict_proba(list(test["text"]))
-    info = {
-        "base_model": "tiny",
-        "max_length": 64,
-        "labels": label_names,
-        "device": "cpu",
-        "precision": "fp32",
-        "dataset": {"source": "c.csv", "fingerprint": "f" * 64, "rows": {"test": len(test)}},
-        "hyperparameters": {"seed": 0},
-        "train_metrics": {},
-    }
-    (tiny_classifier / "fineserve.json").write_text(json.dumps(info))
     return {
         "root": root,
         "y_true": y_true,
@@ -96,29 +85,13 @@ def gate_setup(mlflow_server, tiny_classifier, small_corpus_csv, tmp_path_factor
     }
 
 
-def _register(setup, tmp_path, tracking_uri, name, model_dir, run_id):
-    """Register ``model_dir`` as a new version of ``name`` with the register step."""
-    results = {
-        "label_names": setup["label_names"],
-        "test_rows": len(setup["y_true"]),
-        "n_bootstrap": 10,
-        "model": {
-            "accuracy": 0.5,
-            "macro_f1": 0.5,
-            "f1": [0.5] * 3,
-            "confusion_matrix": np.eye(3, dtype=int).tolist(),
-        },
-        "confidence_intervals": {"accuracy": [0, 1], "macro_f1": [0, 1]},
-        "baseline": None,
-    }
-    (tmp_path / "r.json").write_text(json.dumps(results))
-    (tmp_path / "r.md").write_text("# report\n")
-    return register_model(
-        str(model_dir),
-        str(tmp_path / "r.json"),
-        str(tmp_path / "r.md"),
+def _register(setup, tmp_path, tracking_uri, name, model_dir, run_id) -> str:
+    """Register a copy of ``model_dir`` as a new version of ``name``; the version."""
+    return register_copy(
+        model_dir,
+        tmp_path,
         model_name=name,
-        pipeline_run_id=run_id,
+        pipeline_run_id=f"{name}-{run_id}",  # one MLflow run per registration on the server
         tracking_uri=tracking_uri,
     )["model_version"]
 

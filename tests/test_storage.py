@@ -5,8 +5,6 @@ KServe's own storage-initializer code (`kserve-storage`) downloads the version's
 from the URI registration recorded, and the predictor starts from the download.
 """
 
-import json
-import shutil
 import subprocess
 import sys
 import time
@@ -14,7 +12,7 @@ import time
 import httpx
 import pytest
 from serving_helpers import ServerProcess, free_port, serve_module_argv, v2_body
-from steps import register_model
+from steps import register_copy
 
 from fineserve.core.errors import RegistryError
 from fineserve.core.storage import check_storage_uri
@@ -91,51 +89,14 @@ def s3(tmp_path_factory):
         server.wait(timeout=20)
 
 
-def _registered(model_dir, tmp_path, **where) -> dict:
-    """Register the tiny classifier with the register step; its outputs."""
-    results = {
-        "label_names": ["negative", "neutral", "positive"],
-        "test_rows": 3,
-        "n_bootstrap": 10,
-        "model": {
-            "accuracy": 1.0,
-            "macro_f1": 1.0,
-            "f1": [1.0] * 3,
-            "confusion_matrix": [[1, 0, 0], [0, 1, 0], [0, 0, 1]],
-        },
-        "confidence_intervals": {"accuracy": [1, 1], "macro_f1": [1, 1]},
-        "baseline": None,
-    }
-    (tmp_path / "r.json").write_text(json.dumps(results))
-    (tmp_path / "r.md").write_text("# report\n")
-    (model_dir / "fineserve.json").write_text(
-        json.dumps(
-            {
-                "base_model": "tiny",
-                "max_length": 64,
-                "labels": results["label_names"],
-                "device": "cpu",
-                "precision": "fp32",
-                "dataset": {"source": "c.csv", "fingerprint": "f" * 64, "rows": {"test": 3}},
-                "hyperparameters": {"seed": 0},
-                "train_metrics": {},
-            }
-        )
-    )
-    return register_model(
-        str(model_dir),
-        str(tmp_path / "r.json"),
-        str(tmp_path / "r.md"),
+def test_a_version_on_a_proxying_mlflow_server_is_refused(mlflow_server, tiny_classifier, tmp_path):
+    outputs = register_copy(
+        tiny_classifier,
+        tmp_path,
         model_name="on-s3",
         pipeline_run_id=f"storage-{tmp_path.name}",  # its own MLflow run on a shared server
-        **where,
+        tracking_uri=mlflow_server,
     )
-
-
-def test_a_version_on_a_proxying_mlflow_server_is_refused(mlflow_server, tiny_classifier, tmp_path):
-    model_dir = tmp_path / "model"
-    shutil.copytree(tiny_classifier, model_dir)
-    outputs = _registered(model_dir, tmp_path, tracking_uri=mlflow_server)
     assert outputs["storage_uri"].startswith("mlflow-artifacts:/")
     with pytest.raises(RegistryError, match="proxied by the MLflow server"):
         check_storage_uri(outputs["storage_uri"])
@@ -148,11 +109,11 @@ def test_a_registered_version_is_fetched_from_s3_by_kserve_storage_and_served(
 
     for name, value in s3.items():
         monkeypatch.setenv(name, value)
-    model_dir = tmp_path / "model"
-    shutil.copytree(tiny_classifier, model_dir)
-    outputs = _registered(
-        model_dir,
+    outputs = register_copy(
+        tiny_classifier,
         tmp_path,
+        model_name="on-s3",
+        pipeline_run_id="run-1",
         tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
         artifact_location="s3://fineserve/mlartifacts",
     )
@@ -161,7 +122,9 @@ def test_a_registered_version_is_fetched_from_s3_by_kserve_storage_and_served(
 
     downloaded = Storage.download(uri, str(tmp_path / "mnt-models"))
     for name in ("config.json", "model.safetensors", "tokenizer.json", "fineserve.json"):
-        assert (tmp_path / "mnt-models" / name).read_bytes() == (model_dir / name).read_bytes()
+        assert (tmp_path / "mnt-models" / name).read_bytes() == (
+            outputs["model_dir"] / name
+        ).read_bytes()
 
     argv = serve_module_argv(downloaded, "on-s3", "--device", "cpu")
     with ServerProcess(argv, log_path=tmp_path / "server.log") as server:
