@@ -69,12 +69,48 @@ def decide(
     )
 
 
-def compare_with_champion(
-    client, model_name: str, dataset_dir: str, challenger_predictions: list[int], **bootstrap
-) -> dict[str, Any] | None:
-    """Score the `champion` on the test split and compare it with the challenger (paired).
+def current_champion(
+    client, model_name: str, *, inference_service: str, namespace: str, kube_context: str
+) -> tuple[str | None, str]:
+    """The version to compare against, and a note when the registry had it wrong.
 
-    ``bootstrap``: `n_resamples` and `seed` of the paired bootstrap.
+    With a cluster (a named kube context, or running in one), the version the InferenceService
+    serves to all traffic is the champion: a promotion done with kubectl alone is caught up
+    here, `champion` and `previous` moved to match. Without one, MLflow's `champion` alias.
+    """
+    from fineserve.core import registry, rollout
+    from fineserve.core.artifacts import CHAMPION
+    from fineserve.core.cluster import Cluster, cluster_available
+    from fineserve.core.inference_service import read_rollout
+
+    alias = registry.get_alias(client, model_name, CHAMPION)
+    if not (inference_service and cluster_available(kube_context)):
+        return alias, ""
+    found = Cluster(context=kube_context, namespace=namespace).get(inference_service)
+    if found is None:
+        return alias, ""
+    state = read_rollout(found)
+    served = state.served_version if state.model_name == model_name else None
+    if served is None or served == alias:
+        return alias, ""
+    rollout.move_champion(client, model_name, served, alias)
+    return served, (
+        f"MLflow's champion was {'v' + alias if alias else 'unset'} but InferenceService "
+        f"{inference_service!r} serves v{served} to all traffic: champion moved to v{served}"
+    )
+
+
+def compare_with_champion(
+    client,
+    model_name: str,
+    version: str | None,
+    dataset_dir: str,
+    challenger_predictions: list[int],
+    **bootstrap,
+) -> dict[str, Any] | None:
+    """Score champion ``version`` on the test split and compare it with the challenger (paired).
+
+    ``bootstrap``: `n_resamples` and `seed` of the paired bootstrap. None when ``version`` is.
     """
     import datasets
     import numpy as np
@@ -88,7 +124,6 @@ def compare_with_champion(
     from fineserve.serving.engine import TextClassifier
     from fineserve.serving.model_uri import resolve_model_dir
 
-    version = registry.get_alias(client, model_name, artifacts.CHAMPION)
     if version is None:
         return None
     test = datasets.load_from_disk(dataset_dir)["test"]
@@ -175,6 +210,9 @@ def gate(
     model_name: str,
     challenger_version: str,
     tracking_uri: str = "",
+    inference_service: str = "fineserve",
+    namespace: str = "",
+    kube_context: str = "",
     min_macro_f1: float = 0.0,
     macro_f1_tolerance: float = 0.01,
     n_bootstrap: int = 1000,
@@ -189,6 +227,11 @@ def gate(
         challenger_version: The version the register step made (alias `challenger`).
         tracking_uri: MLflow tracking URI; empty for MLFLOW_TRACKING_URI, else a local SQLite
             store.
+        inference_service: InferenceService whose served version is the champion when there
+            is a cluster (MLflow's `champion` alias is moved to match); else the alias counts.
+        namespace: Its namespace; empty for the pod's own (in a cluster) or the kube context's.
+        kube_context: Kubeconfig context to read it with; empty inside a cluster. A local run
+            with none compares against the `champion` alias.
         min_macro_f1: The challenger's test macro-F1 must be at least this.
         macro_f1_tolerance: How much worse than the champion the challenger may be: the lower
             bound of the 95% paired-bootstrap interval of their macro-F1 difference must be
@@ -209,9 +252,19 @@ def gate(
 
     evaluation = artifacts.read_evaluation_results(results.path)
     client = registry.mlflow_client(tracking_uri)
+    champion_version, note = step.current_champion(
+        client,
+        model_name,
+        inference_service=inference_service,
+        namespace=namespace,
+        kube_context=kube_context,
+    )
+    if note:
+        step.log.warning("gate: %s", note)
     champion = step.compare_with_champion(
         client,
         model_name,
+        champion_version,
         dataset.path,
         evaluation["predictions"],
         n_resamples=n_bootstrap,
@@ -223,6 +276,8 @@ def gate(
         min_macro_f1=min_macro_f1,
         macro_f1_tolerance=macro_f1_tolerance,
     )
+    if note:
+        decision.numbers["champion_source"] = note
     step.log.info("gate %s: %s", "passed" if decision.passed else "failed", decision.reason)
     step.tag_version(client, model_name, challenger_version, decision)
     for name, value in decision.numbers.items():

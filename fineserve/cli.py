@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from fineserve.core.errors import DataError, ParameterError, RegistryError
+from fineserve.core.errors import ClusterError, DataError, ParameterError, RegistryError
 
 
 def _compile(args: argparse.Namespace) -> None:
@@ -71,6 +71,59 @@ def _serve(args: argparse.Namespace) -> None:
     run_serve(args)
 
 
+def _rollout(args: argparse.Namespace) -> None:
+    import json
+
+    from fineserve.core import registry, rollout
+    from fineserve.core.cluster import Cluster
+
+    cluster = Cluster(context=args.context, namespace=args.namespace)
+    if args.action == "status":
+        status = rollout.status(cluster, args.name, registry.mlflow_client(args.tracking_uri))
+        print(
+            json.dumps(status.as_dict(), indent=2)
+            if args.output == "json"
+            else rollout.render(status)
+        )
+        return
+    if args.action == "set":
+        changed = rollout.set_traffic(cluster, args.name, args.percent)
+    elif args.action == "promote":
+        changed = rollout.promote(cluster, args.name, registry.mlflow_client(args.tracking_uri))
+    else:
+        changed = rollout.rollback(cluster, args.name)
+    print(rollout.render(rollout.Status(changed, {}, "")))
+
+
+def _add_rollout_parser(commands) -> None:
+    rollout_cmd = commands.add_parser(
+        "rollout",
+        help="show, shift, promote or roll back a canary (and keep MLflow's aliases in step)",
+    )
+    actions = rollout_cmd.add_subparsers(dest="action", required=True)
+    helps = {
+        "status": "revisions or canaries, versions, traffic, readiness, aliases",
+        "set": "give the canary PERCENT of traffic (the stable version gets the rest)",
+        "promote": "the canary serves everything; its version becomes champion",
+        "rollback": "all traffic back to the stable version; champion stays",
+    }
+    for action, text in helps.items():
+        sub = actions.add_parser(action, help=text, description=text)
+        sub.add_argument("name", help="the InferenceService")
+        if action == "set":
+            sub.add_argument("percent", type=int, help="the canary's share, 0-100")
+        if action == "status":
+            sub.add_argument("-o", "--output", choices=("table", "json"), default="table")
+        sub.add_argument("-n", "--namespace", default="", help="default: the context's")
+        sub.add_argument("--context", default="", help="kubeconfig context (default: current)")
+        sub.add_argument(
+            "--tracking-uri",
+            default=None,
+            help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)",
+        )
+        sub.set_defaults(func=_rollout)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `fineserve` command line."""
     from fineserve.serving.entrypoint import add_serve_arguments
@@ -113,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     params_cmd.set_defaults(func=_params)
 
+    _add_rollout_parser(commands)
+
     serve_cmd = commands.add_parser("serve", help="serve a model with the KServe predictor")
     add_serve_arguments(serve_cmd)
     serve_cmd.set_defaults(func=_serve)
@@ -125,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ParameterError, DataError, RegistryError) as err:
+    except (ParameterError, DataError, RegistryError, ClusterError) as err:
         print(f"fineserve {args.command}: {err}", file=sys.stderr)
         raise SystemExit(2) from err
     except RuntimeError as err:  # kfp.local: a step failed; its log above says why

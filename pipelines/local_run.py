@@ -57,13 +57,27 @@ class LocalRun:
             f"{arguments['experiment_name']!r} at {arguments['tracking_uri']}",
             f"  model version {name} v{version} (alias @{CHALLENGER})",
             f"  gate: {'passed' if self.outputs['gate_passed'] else 'failed'}: "
-            f"{self.outputs['gate_reason']} (no deploy step yet: roll out by hand)",
+            f"{self.outputs['gate_reason']}",
+            f"  deploy: {self.deploy_line()}",
             f"  artifacts: {self.run_dir}",
             f"    model {self.run_dir / 'train' / 'model'}",
             f"    report {self.run_dir / 'evaluate' / 'report'}",
             f"  serve it: fineserve serve --model-uri models:/{name}@{CHALLENGER}",
         ]
         return "\n".join(lines)
+
+    def deploy_line(self) -> str:
+        """What the deploy step did (its report's verdict), or why it did not run."""
+        if not self.outputs["gate_passed"]:
+            return "not run: the gate failed"
+        report = self.run_dir / "deploy" / "report"
+        if not report.exists():
+            return "not run"
+        verdict = next(
+            (line for line in report.read_text().splitlines() if line.startswith("Inference")),
+            "",
+        )
+        return verdict.replace("**", "").replace("`", "")
 
 
 @contextlib.contextmanager

@@ -126,6 +126,17 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "n_bootstrap": (lambda v: v >= 1, "at least 1"),
     "gpu_limit": (lambda v: v >= 0, "0 or more"),
     "seed": (lambda v: 0 <= v < 2**32, "from 0 to 2**32 - 1"),
+    "canary_percent": (lambda v: 0 <= v <= 100, "from 0 to 100"),
+    "min_replicas": (lambda v: v >= 0, "0 (scale to zero, Serverless mode) or more"),
+    "max_replicas": (lambda v: v >= 1, "at least 1"),
+    "scale_target": (lambda v: v >= 0, "0 (the mode's default) or more"),
+    "container_concurrency": (lambda v: v >= 0, "0 (no limit) or more"),
+    "predictor_gpus": (lambda v: v >= 0, "0 or more"),
+    "ready_timeout": (lambda v: v >= 1, "at least 1 second"),
+    "deployment_mode": (
+        lambda v: v.lower() in ("serverless", "knative", "standard", "rawdeployment"),
+        "Serverless (Knative) or Standard (RawDeployment)",
+    ),
 }
 
 

@@ -1,4 +1,7 @@
-"""The training DAG: download → tokenize → train → evaluate → register → gate.
+"""The training DAG: download → tokenize → train → evaluate → register → gate → deploy.
+
+Deploy runs only when the gate passes (`dsl.If`), as the run's ServiceAccount (submit runs with
+`fineserve-pipeline` from manifests/: kfp-kubernetes 2.17 has no per-task ServiceAccount).
 
 Every step parameter is a pipeline parameter (see `fineserve.pipelines.step_parameters`): a
 knob added to a component appears here, in `fineserve params` and in the Kubeflow UI with no
@@ -10,6 +13,7 @@ from typing import Any, NamedTuple
 
 from kfp import dsl
 
+from fineserve.components.deploy import deploy
 from fineserve.components.download import download
 from fineserve.components.evaluation import evaluate
 from fineserve.components.gate import gate
@@ -28,7 +32,8 @@ from fineserve.pipelines.step_parameters import Step, pipeline_function, pipelin
 PIPELINE_NAME = "fineserve-training"
 DESCRIPTION = (
     "Fine-tune a Hugging Face text classifier, evaluate it against a TF-IDF baseline, register "
-    "it in MLflow with the alias `challenger`, and gate it against the `champion`."
+    "it in MLflow with the alias `challenger`, gate it against the `champion`, and roll it out "
+    "as a KServe canary when it passes."
 )
 DOWNLOAD_RETRIES = 3
 
@@ -64,7 +69,8 @@ TRAIN = Step(train)
 EVALUATE = Step(evaluate, hidden=("batch_size",))
 REGISTER = Step(register, hidden=("alias", "image", "pipeline_run_id"))
 GATE = Step(gate, hidden=("challenger_version",))
-STEPS = [DOWNLOAD, TOKENIZE, TRAIN, EVALUATE, REGISTER, GATE]
+DEPLOY = Step(deploy, hidden=("model_version", "image"))
+STEPS = [DOWNLOAD, TOKENIZE, TRAIN, EVALUATE, REGISTER, GATE, DEPLOY]
 
 #: Where the pipeline's default differs from the step's: the cluster run's data, model, MLflow.
 CLUSTER_DEFAULTS: dict[str, Any] = {
@@ -130,6 +136,16 @@ def build_training_pipeline(download_retries: int = DOWNLOAD_RETRIES):
             **GATE.arguments(values),
         )
         gated.set_display_name("gate")
+        gated.set_caching_options(False)  # the champion may have changed since a cached run
+
+        with dsl.If(gated.outputs["passed"] == True, name="gate-passed"):  # noqa: E712
+            deployed = deploy(
+                model_version=registered.outputs["model_version"],
+                image=component_image(),
+                **DEPLOY.arguments(values),
+            )
+            deployed.set_display_name("deploy")
+            deployed.set_caching_options(False)  # the cluster is state: always look again
 
         return TrainingOutputs(
             accuracy=scored.outputs["accuracy"],

@@ -29,7 +29,15 @@ LAYERS = [
 #: Modules of the steps: no step imports another step's module.
 STEP_MODULES = {
     f"fineserve.components.{name}"
-    for name in ("download", "tokenization", "training", "evaluation", "registration", "gate")
+    for name in (
+        "download",
+        "tokenization",
+        "training",
+        "evaluation",
+        "registration",
+        "gate",
+        "deploy",
+    )
 }
 BARE_NAMES = ("components", "pipelines", "serving")
 

@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from fineserve.components import (
+    deploy,
     download,
     evaluation,
     gate,
@@ -24,6 +25,8 @@ from fineserve.pipelines.parameters import (
 from fineserve.pipelines.training_pipeline import training_pipeline
 
 TASKS = {"download", "tokenize", "train", "evaluate", "register", "gate"}
+#: Steps that read state outside their inputs (the champion, the cluster): never cached.
+UNCACHED = {"gate", "deploy"}
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +42,9 @@ def compiled(tmp_path_factory) -> dict:
     return yaml.safe_load(out.read_text())
 
 
-def test_dag_has_six_tasks_in_order(compiled):
+def test_dag_runs_the_steps_in_order_and_deploys_only_when_the_gate_passes(compiled):
     tasks = compiled["root"]["dag"]["tasks"]
-    assert set(tasks) == TASKS
+    assert set(tasks) == TASKS | {"condition-1"}
     deps = {name: set(task.get("dependentTasks", [])) for name, task in tasks.items()}
     assert deps == {
         "download": set(),
@@ -50,8 +53,23 @@ def test_dag_has_six_tasks_in_order(compiled):
         "evaluate": {"download", "train"},
         "register": {"evaluate", "train"},
         "gate": {"download", "evaluate", "register"},
+        "condition-1": {"gate", "register"},
     }
-    assert all(task["cachingOptions"].get("enableCache") for task in tasks.values())
+    condition = tasks["condition-1"]
+    assert condition["taskInfo"]["name"] == "gate-passed"
+    assert condition["triggerPolicy"]["condition"] == (
+        "inputs.parameter_values['pipelinechannel--gate-passed'] == true"
+    )
+    inner = compiled["components"]["comp-condition-1"]["dag"]["tasks"]
+    assert set(inner) == {"deploy"}
+    version = inner["deploy"]["inputs"]["parameters"]["model_version"]
+    assert version["componentInputParameter"] == "pipelinechannel--register-model_version"
+    every = {**tasks, **inner}
+    for name, task in every.items():
+        if name in TASKS - UNCACHED:
+            assert task["cachingOptions"].get("enableCache"), name
+        elif name in UNCACHED:
+            assert not task["cachingOptions"].get("enableCache"), f"{name} must not be cached"
 
 
 def test_train_requests_a_configurable_gpu_and_download_retries(compiled):
@@ -91,6 +109,7 @@ def test_cluster_defaults(compiled):
         evaluation.evaluate,
         registration.register,
         gate.gate,
+        deploy.deploy,
     ],
 )
 def test_every_component_argument_is_documented(component):

@@ -11,3 +11,7 @@ class ParameterError(ValueError):
 
 class RegistryError(ValueError):
     """A registered model, version or alias that does not exist or cannot be used."""
+
+
+class ClusterError(RuntimeError):
+    """A Kubernetes request or rollout that failed; the message names the object and the fix."""

@@ -1,0 +1,191 @@
+"""Talking to the Kubernetes API about InferenceServices: read, create, change safely, wait.
+
+Changes are read-modify-write with the object's `resourceVersion` (HTTP PUT): when another
+writer (KServe's controller, an operator with kubectl) changed the object in between, the API
+answers 409, and the change is computed again on a fresh read, never forced over theirs.
+
+The kserve SDK's `KServeClient` is not used for the calls: it turns every API error into a
+RuntimeError string (the 404/403/409 status is lost) and always configures the process-wide
+client. The objects themselves are built with its models (`fineserve.core.inference_service`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fineserve.core.errors import ClusterError
+from fineserve.core.inference_service import API_VERSION, GROUP, PLURAL
+
+IN_CLUSTER_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+#: How often a change is recomputed after a 409 before giving up.
+CONFLICT_RETRIES = 5
+
+
+def cluster_available(kube_context: str) -> bool:
+    """Whether a step has a cluster: a named kubeconfig context, or running inside a pod."""
+    return bool(kube_context) or IN_CLUSTER_NAMESPACE.exists()
+
+
+class Cluster:
+    """InferenceServices in one namespace, through a kubeconfig context or in-cluster config."""
+
+    def __init__(self, context: str = "", namespace: str = "", config_file: str = "") -> None:
+        from kubernetes import client, config
+        from kubernetes.config.config_exception import ConfigException
+
+        try:
+            if context or config_file or not IN_CLUSTER_NAMESPACE.exists():
+                api_client = config.new_client_from_config(
+                    config_file=config_file or None, context=context or None
+                )
+                self.namespace = namespace or _context_namespace(context, config_file)
+            else:
+                configuration = client.Configuration()
+                config.load_incluster_config(client_configuration=configuration)
+                api_client = client.ApiClient(configuration)
+                self.namespace = namespace or IN_CLUSTER_NAMESPACE.read_text().strip()
+        except (ConfigException, OSError) as err:
+            where = f"context {context!r}" if context else "the current kubeconfig context"
+            raise ClusterError(
+                f"cannot configure the Kubernetes client for {where}: {err}"
+            ) from err
+        self.host = api_client.configuration.host
+        self.api = client.CustomObjectsApi(api_client)
+
+    # ------------------------------------------------------------------ requests
+
+    def get(self, name: str) -> dict | None:
+        """The InferenceService ``name``, or None when there is none."""
+        try:
+            return self._call("get", name)
+        except _NotFound:
+            return None
+
+    def require(self, name: str) -> dict:
+        """The InferenceService ``name``; a ClusterError naming it when it does not exist."""
+        found = self.get(name)
+        if found is None:
+            raise ClusterError(
+                f"InferenceService {name!r} not found in namespace {self.namespace!r} "
+                f"(kubectl get isvc -n {self.namespace})"
+            )
+        return found
+
+    def create(self, body: dict) -> dict:
+        """Create ``body``; a ClusterError when the name is taken or the namespace is missing."""
+        return self._call("create", body["metadata"]["name"], body)
+
+    def replace(self, body: dict) -> dict:
+        """PUT ``body`` (which carries the resourceVersion it was computed from)."""
+        return self._call("replace", body["metadata"]["name"], body)
+
+    def change(self, name: str, compute: Callable[[dict], dict | None]) -> tuple[dict, dict, bool]:
+        """Apply ``compute(current) -> desired`` (None: no change) with optimistic concurrency.
+
+        Returns (object before, object after, whether it was written). On a 409 the object is
+        read again and ``compute`` runs on the fresh copy: a concurrent writer's change is kept,
+        and ``compute`` may refuse (raise) on what it now sees.
+        """
+        for _ in range(CONFLICT_RETRIES):
+            current = self.require(name)
+            desired = compute(current)
+            if desired is None or _same_intent(current, desired):
+                return current, current, False
+            try:
+                return current, self.replace(desired), True
+            except _Conflict:
+                continue
+        raise ClusterError(
+            f"InferenceService {name!r} kept changing under us: {CONFLICT_RETRIES} writes in a "
+            "row were refused as stale (409); try again"
+        )
+
+    def wait(
+        self,
+        name: str,
+        judge: Callable[[dict], tuple[bool, str]],
+        *,
+        timeout: float,
+        interval: float = 2.0,
+    ) -> tuple[bool, dict, str]:
+        """Poll ``name`` until ``judge(obj)`` says done, or ``timeout`` seconds pass.
+
+        ``judge`` returns (done, why not). Returns (done, the last object read, the last why).
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            current = self.require(name)
+            done, why = judge(current)
+            if done or time.monotonic() >= deadline:
+                return done, current, why
+            time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+
+    # ------------------------------------------------------------------ errors
+
+    def _call(self, verb: str, name: str, body: dict | None = None) -> Any:
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
+
+        where = f"InferenceService {name!r} in namespace {self.namespace!r}"
+        args = (GROUP, API_VERSION, self.namespace, PLURAL)
+        try:
+            if verb == "get":
+                return self.api.get_namespaced_custom_object(*args, name)
+            if verb == "create":
+                return self.api.create_namespaced_custom_object(*args, body)
+            return self.api.replace_namespaced_custom_object(*args, name, body)
+        except ApiException as err:
+            message = _api_message(err)
+            if err.status == 404 and verb != "create":
+                raise _NotFound(message) from err
+            if err.status == 409 and verb == "replace":
+                raise _Conflict(message) from err
+            hint = {
+                401: "the credentials were refused: log in again or check the kubeconfig",
+                403: "the identity lacks this permission: see the Role in manifests/base",
+                404: "does the namespace exist?",
+                409: "it already exists",
+            }.get(err.status, "")
+            raise ClusterError(
+                f"{verb} {where}: HTTP {err.status}: {message}" + (f" ({hint})" if hint else "")
+            ) from err
+        except HTTPError as err:
+            raise ClusterError(
+                f"cannot reach the Kubernetes API at {self.host} to {verb} {where}: {err}"
+            ) from err
+
+
+class _NotFound(Exception):
+    pass
+
+
+class _Conflict(Exception):
+    pass
+
+
+def _api_message(err: Any) -> str:
+    import json
+
+    try:
+        return json.loads(err.body)["message"]
+    except (TypeError, ValueError, KeyError):
+        return str(err.reason)
+
+
+def _same_intent(current: dict, desired: dict) -> bool:
+    """Whether ``desired`` changes nothing a user set (spec, labels, annotations)."""
+    return all(current.get(key) == desired.get(key) for key in ("spec",)) and all(
+        (current["metadata"].get(key) or {}) == (desired["metadata"].get(key) or {})
+        for key in ("labels", "annotations")
+    )
+
+
+def _context_namespace(context: str, config_file: str) -> str:
+    from kubernetes import config
+
+    contexts, active = config.list_kube_config_contexts(config_file=config_file or None)
+    chosen = next((c for c in contexts if c["name"] == context), None) if context else active
+    return ((chosen or {}).get("context") or {}).get("namespace") or "default"
