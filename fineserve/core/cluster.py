@@ -11,6 +11,7 @@ client. The objects themselves are built with its models (`fineserve.core.infere
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +37,8 @@ class Cluster:
         from kubernetes import client, config
         from kubernetes.config.config_exception import ConfigException
 
+        # read at call time: the client reads $KUBECONFIG once, when first imported
+        config_file = config_file or os.environ.get("KUBECONFIG", "")
         try:
             if context or config_file or not IN_CLUSTER_NAMESPACE.exists():
                 api_client = config.new_client_from_config(

@@ -110,7 +110,14 @@ def model_dir_uri(client: MlflowClient, model_name: str, version: str) -> str:
     The `fineserve.storage_uri` tag set at registration when present, else the version's
     download URI joined with the `hf_model` artifact path.
     """
-    tagged = client.get_model_version(model_name, str(version)).tags.get(TAG_STORAGE_URI)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tagged = client.get_model_version(model_name, str(version)).tags.get(TAG_STORAGE_URI)
+    except MlflowException as err:
+        raise RegistryError(
+            f"MLflow has no version {version} of {model_name!r}: {err.message}"
+        ) from err
     if tagged:
         return tagged
     root = client.get_model_version_download_uri(model_name, str(version)).rstrip("/")
