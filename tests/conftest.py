@@ -127,3 +127,23 @@ def mlflow_server(tmp_path_factory):
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+# --- fake Kubernetes API server and KServe's controller (tests/kube_fake.py, kserve_emulator.py)
+
+
+@pytest.fixture
+def fake_kube():
+    """A fake Kubernetes API server on 127.0.0.1 with the namespace `fineserve`."""
+    from kube_fake import FakeKube
+
+    with FakeKube(namespaces=("fineserve",)) as fake:
+        yield fake
+
+
+@pytest.fixture
+def kserve_controller(fake_kube):
+    """KServe's controller, emulated: fills the status of every InferenceService."""
+    from kserve_emulator import KServeController
+
+    return KServeController(fake_kube)
