@@ -711,8 +711,8 @@ def _handler(fake: FakeKube):
                         raise ApiError(
                             422,
                             "Invalid",
-                            f'{kind.kind} "{name}" is invalid: metadata.resourceVersion: Invalid value: '
-                            "0x0: must be specified for an update",
+                            f'{kind.kind} "{name}" is invalid: metadata.resourceVersion: '
+                            "Invalid value: 0x0: must be specified for an update",
                         )
                 else:  # PATCH
                     desired = self._patched(kind, current)
