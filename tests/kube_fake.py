@@ -534,7 +534,7 @@ def _handler(fake: FakeKube):
                     namespace=namespace,
                     name=name,
                 )
-                watch = query.get("watch") in ("true", "1")
+                watch = (query.get("watch") or "").lower() in ("true", "1")
                 verb = {
                     "GET": "watch" if watch else ("get" if name else "list"),
                     "POST": "create",
