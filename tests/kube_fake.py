@@ -253,6 +253,7 @@ class FakeKube:
             self.put({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._server.daemon_threads = True
+        self._server.handle_error = lambda request, address: None  # clients hanging up
         # TLS, as a real API server: client-go (kubectl) sends bearer tokens over HTTPS only
         self._cert, key = _certificate()
         tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

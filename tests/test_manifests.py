@@ -286,15 +286,18 @@ def test_mlflow_server_keeps_its_store_and_artifacts_on_the_pvc(base):
     assert on_pvc, "MLflow mounts no PVC from this kustomization"
     backend = _flag(args, "--backend-store-uri") or ""
     assert backend.startswith("sqlite:////"), f"expected an absolute sqlite URI, got {backend!r}"
-    artifacts = _flag(args, "--artifacts-destination") or ""
-    for what, path in (
-        ("sqlite store", backend.removeprefix("sqlite:///")),
-        ("artifacts", artifacts),
-    ):
-        assert any(path.startswith(m.rstrip("/") + "/") for m in on_pvc), (
-            f"MLflow {what} {path!r} is not on the PVC mounted at {on_pvc}"
-        )
-    assert _flag(args, "--serve-artifacts") == "", "--serve-artifacts is off: clients need S3 creds"
+    path = backend.removeprefix("sqlite:///")
+    assert any(path.startswith(m.rstrip("/") + "/") for m in on_pvc), (
+        f"MLflow's sqlite store {path!r} is not on the PVC mounted at {on_pvc}"
+    )
+    # model versions must get plain s3:// sources KServe's storage initializer can download
+    assert (_flag(args, "--default-artifact-root") or "").startswith("s3://")
+    assert _flag(args, "--no-serve-artifacts") == "", "proxied artifacts are mlflow-artifacts:/"
+    assert _flag(args, "--artifacts-destination") is None
+    env = {e["name"]: e for e in container["env"]}
+    assert env["MLFLOW_S3_ENDPOINT_URL"]["value"].startswith("http")
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "fineserve-s3", "key": key}
     assert _flag(args, "--host") == "0.0.0.0", "MLflow must listen beyond localhost in a pod"
     assert one(base, "Deployment", "mlflow")["spec"]["strategy"]["type"] == "Recreate", (
         "two pods on one SQLite file / RWO volume during a rollout: use Recreate"
@@ -352,3 +355,45 @@ def _default_image() -> str:
     from fineserve.core.defaults import DEFAULT_IMAGE
 
     return DEFAULT_IMAGE
+
+
+# --------------------------------------------------------------------------- modes and storage
+
+
+@pytest.mark.parametrize(
+    ("overlay", "mode", "metric"),
+    [("serverless", "Serverless", "concurrency"), ("standard", "Standard", "cpu")],
+)
+def test_each_mode_overlay_sets_what_the_deploy_step_expects(overlay, mode, metric):
+    from fineserve.core.inference_service import (
+        MODE_ANNOTATION,
+        MODEL_ANNOTATION,
+        TAG_ROUTING_ANNOTATION,
+        VERSION_LABEL,
+        mode_of,
+    )
+
+    objects = kustomize(MANIFESTS / "overlays" / overlay)
+    isvc = one(objects, "InferenceService")
+    annotations = isvc["metadata"]["annotations"]
+    assert annotations[MODE_ANNOTATION] == mode and mode_of(isvc) == mode
+    assert MODEL_ANNOTATION in annotations
+    predictor = isvc["spec"]["predictor"]
+    assert VERSION_LABEL in predictor["labels"]
+    assert predictor["scaleMetric"] == metric
+    if mode == "Standard":  # settings the mode ignores must not be there
+        assert "canaryTrafficPercent" not in predictor and "containerConcurrency" not in predictor
+        assert predictor["minReplicas"] >= 1
+        assert TAG_ROUTING_ANNOTATION not in annotations
+    else:
+        assert annotations[TAG_ROUTING_ANNOTATION] == "true"
+    assert one(objects, "Service", "minio") and one(objects, "Deployment", "minio")
+    assert {o["metadata"].get("namespace") for o in objects} == {"fineserve"}
+
+
+def test_the_predictor_downloads_with_the_storage_service_account(base):
+    account = one(base, "ServiceAccount", "fineserve-storage")
+    assert account["metadata"]["annotations"]["serving.kserve.io/s3-endpoint"]
+    assert {"name": "fineserve-s3"} in account["secrets"]
+    isvc = one(base, "InferenceService")
+    assert isvc["spec"]["predictor"]["serviceAccountName"] == "fineserve-storage"
