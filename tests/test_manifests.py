@@ -397,3 +397,13 @@ def test_the_predictor_downloads_with_the_storage_service_account(base):
     assert {"name": "fineserve-s3"} in account["secrets"]
     isvc = one(base, "InferenceService")
     assert isvc["spec"]["predictor"]["serviceAccountName"] == "fineserve-storage"
+
+
+def test_the_cluster_workflow_applies_an_overlay_and_runs_the_cluster_suite():
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "cluster.yml").read_text())
+    steps = workflow["jobs"]["kind-kserve"]["steps"]
+    commands = "\n".join(step.get("run", "") for step in steps)
+    assert "kubectl apply -k manifests/overlays/standard" in commands
+    assert "pytest -m cluster" in commands
+    overlay = commands.split("manifests/overlays/")[1].split()[0]
+    assert (MANIFESTS / "overlays" / overlay / "kustomization.yaml").exists()
