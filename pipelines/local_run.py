@@ -58,7 +58,7 @@ class LocalRun:
             f"  model version {name} v{version} (alias @{CHALLENGER})",
             f"  gate: {'passed' if self.outputs['gate_passed'] else 'failed'}: "
             f"{self.outputs['gate_reason']}",
-            f"  deploy: {self.deploy_line()}",
+            f"  deploy: {self.deploy_line(arguments)}",
             f"  artifacts: {self.run_dir}",
             f"    model {self.run_dir / 'train' / 'model'}",
             f"    report {self.run_dir / 'evaluate' / 'report'}",
@@ -66,13 +66,18 @@ class LocalRun:
         ]
         return "\n".join(lines)
 
-    def deploy_line(self) -> str:
+    def deploy_line(self, arguments: dict[str, Any]) -> str:
         """What the deploy step did (its report's verdict), or why it did not run."""
         if not self.outputs["gate_passed"]:
             return "not run: the gate failed"
         report = self.run_dir / "deploy" / "report"
         if not report.exists():
-            return "not run"
+            if not arguments.get("kube_context"):
+                return "skipped: no cluster named (-p kube_context=NAME deploys from a local run)"
+            return (
+                "not run: kfp.local did not evaluate the gate condition (it could not resolve "
+                "the gate's output); deploy with the deploy step on Kubeflow"
+            )
         verdict = next(
             (line for line in report.read_text().splitlines() if line.startswith("Inference")),
             "",

@@ -57,6 +57,7 @@ def test_local_run_registers_a_version_with_alias_and_metrics(
     assert "Got executor_input" in log and "executor_input" not in out
     assert "model version e2e v1 (alias @challenger)" in out
     assert "gate: passed: no champion yet: the absolute threshold decides" in out
+    assert "deploy: skipped: no cluster named (-p kube_context=NAME" in out
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     version = client.get_model_version_by_alias("e2e", "challenger")
