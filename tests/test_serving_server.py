@@ -528,8 +528,26 @@ def _counts(http) -> dict[tuple[str, str, str], float]:
     }
 
 
+def _settled_grpc_counts(http) -> dict[tuple[str, str, str], float]:
+    """The counts once earlier tests' gRPC calls have all been counted.
+
+    Each failed call is counted just after its status is sent; under load one can land late.
+    """
+    previous = _counts(http)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = _counts(http)
+        if {k: v for k, v in now.items() if k[0] == "grpc"} == {
+            k: v for k, v in previous.items() if k[0] == "grpc"
+        }:
+            return now
+        previous = now
+    return previous
+
+
 def test_metrics_count_requests_by_protocol_endpoint_and_status(http, server):
-    before = _counts(http)
+    before = _settled_grpc_counts(http)
     assert http.post(_INFER, json=_GOOD).status_code == 200
     assert http.post(_INFER, json={"inputs": []}).status_code == 400
     assert http.post("/v2/models/nope/infer", json=_GOOD).status_code == 404
