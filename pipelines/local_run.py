@@ -12,14 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fineserve.components.deploy import deploy
 from fineserve.core.artifacts import (
     CHALLENGER,
     read_evaluation_results,
     read_model_info,
     summary_metrics,
 )
+from fineserve.core.defaults import component_image
 from fineserve.pipelines.run_console import RunConsole
-from fineserve.pipelines.training_pipeline import PIPELINE_NAME, build_training_pipeline
+from fineserve.pipelines.training_pipeline import DEPLOY, PIPELINE_NAME, build_training_pipeline
 
 
 @dataclass
@@ -32,6 +34,7 @@ class LocalRun:
     train_info: dict[str, Any]
     seconds: float
     warnings: list[str]  # why the test scores may mean little (evaluate's results)
+    deploy_report: Path | None = None  # the deploy step's report, when it ran
 
     def summary(self, arguments: dict[str, Any]) -> str:
         """What the user reads at the end of `fineserve run --local`."""
@@ -70,16 +73,14 @@ class LocalRun:
         """What the deploy step did (its report's verdict), or why it did not run."""
         if not self.outputs["gate_passed"]:
             return "not run: the gate failed"
-        report = self.run_dir / "deploy" / "report"
-        if not report.exists():
-            if not arguments.get("kube_context"):
-                return "skipped: no cluster named (-p kube_context=NAME deploys from a local run)"
-            return (
-                "not run: kfp.local did not evaluate the gate condition (it could not resolve "
-                "the gate's output); deploy with the deploy step on Kubeflow"
-            )
+        if self.deploy_report is None:
+            return "skipped: no cluster named (-p kube_context=NAME deploys from a local run)"
         verdict = next(
-            (line for line in report.read_text().splitlines() if line.startswith("Inference")),
+            (
+                line
+                for line in self.deploy_report.read_text().splitlines()
+                if line.startswith("Inference")
+            ),
             "",
         )
         return verdict.replace("**", "").replace("`", "")
@@ -140,8 +141,9 @@ def run_local(
             stack.enter_context(contextlib.redirect_stdout(RunConsole(log, sys.stdout, verbose)))
         stack.enter_context(_steps_run_this_interpreter())
         task = build_training_pipeline(download_retries=0)(**arguments)
+        (run_dir,) = set(output_dir.glob(f"{PIPELINE_NAME}-*")) - before
+        deploy_report = _deploy_if_gate_passed(dict(task.outputs), arguments, run_dir)
     seconds = time.monotonic() - started
-    (run_dir,) = set(output_dir.glob(f"{PIPELINE_NAME}-*")) - before
     results = read_evaluation_results(run_dir / "evaluate" / "results")
     train_info = read_model_info(run_dir / "train" / "model")
     return LocalRun(
@@ -151,4 +153,28 @@ def run_local(
         train_info=train_info,
         seconds=seconds,
         warnings=results.get("warnings", []),
+        deploy_report=deploy_report,
     )
+
+
+def _deploy_if_gate_passed(
+    outputs: dict[str, Any], arguments: dict[str, Any], run_dir: Path
+) -> Path | None:
+    """Run the deploy step as the DAG's `dsl.If` does on Kubeflow; its report, if it ran.
+
+    kfp.local (2.17.0-2.17.3) cannot evaluate a condition on a task's output: it looks the
+    channel (`gate-passed`) up among the pipeline's inputs, finds nothing and reads the
+    condition as false, so inside the DAG deploy never runs locally. Here the same component
+    runs with the same arguments, after the gate, when it passed and a cluster is named.
+    """
+    report = run_dir / "deploy" / "report"
+    if report.exists():  # a kfp.local that evaluates the condition ran it in the DAG
+        return report
+    if not outputs["gate_passed"] or not arguments.get("kube_context"):
+        return None
+    task = deploy(
+        model_version=outputs["model_version"],
+        image=component_image(),
+        **DEPLOY.arguments(arguments),
+    )
+    return Path(task.outputs["report"].path)

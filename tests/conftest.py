@@ -129,6 +129,52 @@ def mlflow_server(tmp_path_factory):
             server.kill()
 
 
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """Moto's S3 API on 127.0.0.1 with a bucket `fineserve`; its environment for clients."""
+    import subprocess
+    import sys
+    import time
+
+    import boto3
+    import httpx
+    from serving_helpers import free_port
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": url,  # kserve-storage
+        "MLFLOW_S3_ENDPOINT_URL": url,  # MLflow
+    }
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "moto did not start"
+            try:
+                httpx.get(url, timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        boto3.client("s3", endpoint_url=url, region_name="us-east-1",
+                     aws_access_key_id="testing", aws_secret_access_key="testing",
+                     ).create_bucket(Bucket="fineserve")  # fmt: skip
+        yield env
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+
+
 # --- fake Kubernetes API server and KServe's controller (tests/kube_fake.py, kserve_emulator.py)
 
 

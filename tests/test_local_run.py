@@ -11,10 +11,10 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def _fineserve(*args: str, cwd) -> subprocess.CompletedProcess:
+def _fineserve(*args: str, cwd, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     # the local default store: MLFLOW_TRACKING_URI (which mlflow.set_tracking_uri exports
     # from other tests in this process) would name another
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k != "MLFLOW_TRACKING_URI"}
     return subprocess.run(
         [sys.executable, "-m", "fineserve", *args],
         cwd=cwd,
@@ -69,6 +69,39 @@ def test_local_run_registers_a_version_with_alias_and_metrics(
     assert version.tags["fineserve.dataset_fingerprint"] == run_data.params["dataset_fingerprint"]
     assert version.tags["fineserve.gate.passed"] == "true"
     assert (tmp_path / "local_outputs").is_dir() and (tmp_path / "mlartifacts").is_dir()
+
+
+def test_local_run_with_a_kube_context_deploys_the_gated_version(
+    small_corpus_csv, tiny_base_model, s3, fake_kube, kserve_controller, tmp_path
+):
+    # a cluster named: the gate passes (no champion), deploy rolls the version out from S3
+    kubeconfig = fake_kube.kubeconfig(tmp_path / "kubeconfig")
+    run = _fineserve(
+        "run", "--local",
+        "-p", f"dataset={small_corpus_csv}", "-p", f"base_model={tiny_base_model}",
+        "-p", "max_length=32", "-p", "epochs=1", "-p", "learning_rate=0.001",
+        "-p", "n_bootstrap=100", "-p", "model_name=e2e-deploy",
+        "-p", "artifact_location=s3://fineserve/local-run",
+        "-p", "kube_context=fake", "-p", "namespace=fineserve",
+        "-p", "ready_timeout=30",
+        cwd=tmp_path,
+        env={**s3, "KUBECONFIG": str(kubeconfig)},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    out = run.stdout
+    assert re.search(r"^deploy +SUCCESS in \d+\.\d s$", out, re.MULTILINE), out
+    assert "deploy: InferenceService fineserve: created: v1 serves all traffic." in out, out
+
+    isvc = fake_kube.get(
+        "serving.kserve.io", "v1beta1", "inferenceservices", "fineserve", "fineserve"
+    )
+    predictor = isvc["spec"]["predictor"]
+    assert predictor["labels"]["fineserve.io/model-version"] == "1"
+    (container,) = predictor["containers"]
+    (storage_uri,) = [e["value"] for e in container["env"] if e["name"] == "STORAGE_URI"]
+    assert storage_uri.startswith("s3://fineserve/local-run/"), storage_uri
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert str(client.get_model_version_by_alias("e2e-deploy", "champion").version) == "1"
 
 
 def test_bad_parameters_are_refused_before_anything_runs(tmp_path):

@@ -5,13 +5,9 @@ KServe's own storage-initializer code (`kserve-storage`) downloads the version's
 from the URI registration recorded, and the predictor starts from the download.
 """
 
-import subprocess
-import sys
-import time
-
 import httpx
 import pytest
-from serving_helpers import ServerProcess, free_port, serve_module_argv, v2_body
+from serving_helpers import ServerProcess, serve_module_argv, v2_body
 from steps import register_copy
 
 from fineserve.core.errors import RegistryError
@@ -47,46 +43,6 @@ def test_locations_kserve_cannot_read_are_refused_saying_what_to_configure(uri, 
         check_storage_uri(uri)
     assert why in str(refused.value)
     assert "--default-artifact-root s3://" in str(refused.value)
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """Moto's S3 API on 127.0.0.1 with a bucket `fineserve`; its environment for clients."""
-    import boto3
-
-    port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    with open(log, "wb") as out:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": url,  # kserve-storage
-        "MLFLOW_S3_ENDPOINT_URL": url,  # MLflow
-    }
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert server.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "moto did not start"
-            try:
-                httpx.get(url, timeout=1)
-                break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        boto3.client("s3", endpoint_url=url, region_name="us-east-1",
-                     aws_access_key_id="testing", aws_secret_access_key="testing",
-                     ).create_bucket(Bucket="fineserve")  # fmt: skip
-        yield env
-    finally:
-        server.terminate()
-        server.wait(timeout=20)
 
 
 def test_a_version_on_a_proxying_mlflow_server_is_refused(mlflow_server, tiny_classifier, tmp_path):
