@@ -407,3 +407,32 @@ def test_the_cluster_workflow_applies_an_overlay_and_runs_the_cluster_suite():
     assert "pytest -m cluster" in commands
     overlay = commands.split("manifests/overlays/")[1].split()[0]
     assert (MANIFESTS / "overlays" / overlay / "kustomization.yaml").exists()
+
+
+# KServe's default `ingress.kserveIngressGateway` (config/configmap/inferenceservice.yaml): the
+# Gateway its Standard-mode HTTPRoutes name as their parent
+KSERVE_INGRESS_GATEWAY = ("kserve", "kserve-ingress-gateway")
+# the fields of Gateway API v1 that the Gateway uses, each level strict (a typo fails)
+GATEWAY_FIELDS = {
+    "spec": {"gatewayClassName", "listeners"},
+    "listener": {"name", "port", "protocol", "hostname", "allowedRoutes"},
+    "allowedRoutes": {"namespaces", "kinds"},
+    "namespaces": {"from", "selector"},
+}
+
+
+def test_the_gateway_for_standard_mode_canaries_is_the_one_kserve_routes_through():
+    (gateway,) = kustomize(MANIFESTS / "kserve-gateway")
+    assert (gateway["apiVersion"], gateway["kind"]) == ("gateway.networking.k8s.io/v1", "Gateway")
+    meta = gateway["metadata"]
+    assert (meta["namespace"], meta["name"]) == KSERVE_INGRESS_GATEWAY
+    spec = gateway["spec"]
+    assert set(spec) <= GATEWAY_FIELDS["spec"] and spec["gatewayClassName"]
+    (listener,) = spec["listeners"]
+    assert set(listener) <= GATEWAY_FIELDS["listener"]
+    assert (listener["port"], listener["protocol"]) == (80, "HTTP")
+    allowed = listener["allowedRoutes"]
+    assert set(allowed) <= GATEWAY_FIELDS["allowedRoutes"]
+    assert set(allowed["namespaces"]) <= GATEWAY_FIELDS["namespaces"]
+    # KServe writes the HTTPRoutes in the InferenceService's namespace, not the Gateway's
+    assert allowed["namespaces"]["from"] == "All"
