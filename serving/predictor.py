@@ -85,7 +85,10 @@ class TextClassifierModel(Model):
         gc.collect()
         gc.freeze()  # the loaded libraries' objects: no full-GC pauses walking them under load
         self.metrics = ModelMetrics(
-            self.name, self.classifier.model_version, str(self.classifier.device)
+            self.name,
+            self.classifier.model_version,
+            str(self.classifier.device),
+            self.classifier.labels,
         )
         self.batcher = DynamicBatcher(
             self.classifier,
@@ -149,6 +152,7 @@ class TextClassifierModel(Model):
             json_body = "json" in (headers or {}).get("content-type", "")
             texts = protocol.texts_from_v1(payload, limit, json_body)
         probs = await self.batcher.submit(texts)
+        self.metrics.observe_predictions(probs)
         labels = self.classifier.labels
         if isinstance(payload, InferRequest):
             version = self.classifier.model_version

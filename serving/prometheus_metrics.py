@@ -6,6 +6,7 @@ import re
 import time
 
 import grpc
+import numpy as np
 from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor
 from prometheus_client import Counter, Gauge, Histogram
 from starlette.types import Message, Receive, Scope, Send
@@ -28,17 +29,42 @@ QUEUE_SECONDS = Histogram(
 )
 TEXTS = Counter("fineserve_texts", "Texts classified", LABELS)
 MODEL_INFO = Gauge("fineserve_model_info", "The served model (always 1)", (*LABELS, "device"))
+PREDICTIONS = Counter(
+    "fineserve_predictions", "Texts answered, by the label predicted for them", (*LABELS, "label")
+)
+TOP_PROBABILITY = Histogram(
+    "fineserve_top_probability",
+    "Probability of the predicted (top) class of each text answered",
+    LABELS,
+    buckets=(0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0),
+)
+#: The version each served model name answers as (request metrics carry it).
+_VERSIONS: dict[str, str] = {}
 
 
 class ModelMetrics:
     """The metric children of one served model, labelled with its name and version."""
 
-    def __init__(self, model_name: str, model_version: str, device: str) -> None:
-        labels = {"model_name": model_name, "model_version": model_version}
-        self._batch_size = BATCH_SIZE.labels(**labels)
-        self._queue_seconds = QUEUE_SECONDS.labels(**labels)
-        self.texts = TEXTS.labels(**labels)
-        MODEL_INFO.labels(**labels, device=device).set(1)
+    def __init__(
+        self, model_name: str, model_version: str, device: str, labels: list[str] | None = None
+    ) -> None:
+        names = {"model_name": model_name, "model_version": model_version}
+        self._batch_size = BATCH_SIZE.labels(**names)
+        self._queue_seconds = QUEUE_SECONDS.labels(**names)
+        self.texts = TEXTS.labels(**names)
+        self._predictions = [PREDICTIONS.labels(**names, label=label) for label in labels or []]
+        self._top_probability = TOP_PROBABILITY.labels(**names)
+        MODEL_INFO.labels(**names, device=device).set(1)
+        _VERSIONS[model_name] = model_version
+
+    def observe_predictions(self, probabilities: np.ndarray) -> None:
+        """Count the predicted label and record the top probability of each answered text."""
+        top = probabilities.argmax(axis=1)
+        for label_id, count in enumerate(np.bincount(top, minlength=len(self._predictions))):
+            if count:
+                self._predictions[label_id].inc(int(count))
+        for probability in probabilities[np.arange(len(top)), top].tolist():
+            self._top_probability.observe(probability)
 
     def observe_batch(self, num_texts: int, waits: list[float]) -> None:
         """Record one forward pass (a `DynamicBatcher` observer)."""
@@ -50,14 +76,15 @@ class ModelMetrics:
 
 REQUESTS = Counter(
     "fineserve_requests",
-    "Requests answered, by protocol (http, grpc), endpoint and status code",
-    ("protocol", "endpoint", "code"),
+    "Requests answered, by protocol (http, grpc), endpoint, status code and the model (name, "
+    "version) the request named (empty for endpoints of no model)",
+    ("protocol", "endpoint", "code", *LABELS),
 )
 REQUEST_SECONDS = Histogram(
     "fineserve_request_seconds",
     "Time from a request's arrival to the end of its answer (body read, texts classified, "
-    "answer sent), by protocol and endpoint",
-    ("protocol", "endpoint"),
+    "answer sent), by protocol, endpoint and model",
+    ("protocol", "endpoint", *LABELS),
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
 #: Endpoint labels of HTTP paths; any other path counts as "other" (a label per scanned path
@@ -75,6 +102,9 @@ _HTTP_ENDPOINTS = [
 ]
 
 
+_MODEL_IN_PATH = re.compile(r"^/v[12]/(?:repository/)?models/([^/:]+)")
+
+
 def http_endpoint(path: str) -> str:
     """The endpoint label of an HTTP path: its route with the model name left out."""
     for pattern, label in _HTTP_ENDPOINTS:
@@ -84,10 +114,19 @@ def http_endpoint(path: str) -> str:
     return "other"
 
 
-def observe_request(protocol: str, endpoint: str, code: str, seconds: float) -> None:
-    """Count one answered request and time it."""
-    REQUESTS.labels(protocol, endpoint, code).inc()
-    REQUEST_SECONDS.labels(protocol, endpoint).observe(seconds)
+def http_model(path: str) -> str:
+    """The model an HTTP path names, if this server serves it (else "": no label per typo)."""
+    match = _MODEL_IN_PATH.match(path)
+    return match.group(1) if match and match.group(1) in _VERSIONS else ""
+
+
+def observe_request(
+    protocol: str, endpoint: str, code: str, seconds: float, model: str = ""
+) -> None:
+    """Count one answered request and time it, labelled with the model it named."""
+    version = _VERSIONS.get(model, "")
+    REQUESTS.labels(protocol, endpoint, code, model, version).inc()
+    REQUEST_SECONDS.labels(protocol, endpoint, model, version).observe(seconds)
 
 
 class HTTPRequestMetrics(HTTPMiddleware):
@@ -106,14 +145,14 @@ class HTTPRequestMetrics(HTTPMiddleware):
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body"):
                 answered[0] = True
-                endpoint = http_endpoint(scope["path"])
-                observe_request("http", endpoint, status[0], time.perf_counter() - started)
+                seconds = time.perf_counter() - started
+                observe_request("http", endpoint, status[0], seconds, model)
 
+        path = scope["path"]
+        endpoint, model = http_endpoint(path), http_model(path)
         await self.app(scope, receive, recording_send)
         if status[0] == "500" and not answered[0]:  # cancelled: its client hung up
-            observe_request(
-                "http", http_endpoint(scope["path"]), "499", time.perf_counter() - started
-            )
+            observe_request("http", endpoint, "499", time.perf_counter() - started, model)
 
 
 class GRPCRequestMetrics(ExceptionToStatusInterceptor):
@@ -123,12 +162,14 @@ class GRPCRequestMetrics(ExceptionToStatusInterceptor):
         """Run the call as KServe does; record the status code it ends with."""
         started = time.perf_counter()
         endpoint = method_name.rsplit("/", 1)[-1]
+        model = getattr(request_or_iterator, "model_name", "")
+        model = model if model in _VERSIONS else ""
         try:
             response = await super().intercept(method, request_or_iterator, context, method_name)
         except BaseException:
             code = context.code() or grpc.StatusCode.UNKNOWN
-            observe_request("grpc", endpoint, code.name, time.perf_counter() - started)
+            observe_request("grpc", endpoint, code.name, time.perf_counter() - started, model)
             raise
         code = context.code() or grpc.StatusCode.OK
-        observe_request("grpc", endpoint, code.name, time.perf_counter() - started)
+        observe_request("grpc", endpoint, code.name, time.perf_counter() - started, model)
         return response

@@ -521,11 +521,12 @@ def test_grpc_and_http_accept_and_refuse_the_same_requests(server, http):
 def _counts(http) -> dict[tuple[str, str, str], float]:
     families = text_string_to_metric_families(http.get("/metrics").text)
     requests = next(f for f in families if f.name == "fineserve_requests")
-    return {
-        (s.labels["protocol"], s.labels["endpoint"], s.labels["code"]): s.value
-        for s in requests.samples
-        if s.name == "fineserve_requests_total"
-    }
+    counts: dict[tuple[str, str, str], float] = {}
+    for s in requests.samples:
+        if s.name == "fineserve_requests_total":
+            key = (s.labels["protocol"], s.labels["endpoint"], s.labels["code"])
+            counts[key] = counts.get(key, 0) + s.value
+    return counts
 
 
 def _settled_grpc_counts(http) -> dict[tuple[str, str, str], float]:
@@ -584,9 +585,35 @@ def test_metrics_count_requests_by_protocol_endpoint_and_status(http, server):
     assert added(("grpc", "ModelInfer", "INVALID_ARGUMENT")) == 1
     latency = http.get("/metrics").text
     assert (
-        'fineserve_request_seconds_count{endpoint="/v2/models/{model}/infer",protocol="http"}'
-        in (latency)
+        'fineserve_request_seconds_count{endpoint="/v2/models/{model}/infer",'
+        f'model_name="{MODEL}",model_version="{VERSION}",protocol="http"}}' in (latency)
     )
+
+
+def _samples(http, family: str, sample: str) -> dict[tuple, float]:
+    families = text_string_to_metric_families(http.get("/metrics").text)
+    found = next(f for f in families if f.name == family)
+    return {tuple(sorted(s.labels.items())): s.value for s in found.samples if s.name == sample}
+
+
+def test_metrics_count_predicted_labels_and_top_probabilities_by_model_version(http):
+    model = {"model_name": MODEL, "model_version": VERSION}
+    before = _samples(http, "fineserve_predictions", "fineserve_predictions_total")
+    top_before = _samples(http, "fineserve_top_probability", "fineserve_top_probability_count")
+    body = http.post(_INFER, json=v2_body(["great", "awful", "meh"])).json()
+    predicted = next(o for o in body["outputs"] if o["name"] == "label")["data"]
+
+    after = _samples(http, "fineserve_predictions", "fineserve_predictions_total")
+    for label in LABELS:
+        key = tuple(sorted({**model, "label": label}.items()))
+        assert after.get(key, 0) - before.get(key, 0) == predicted.count(label), label
+    top_after = _samples(http, "fineserve_top_probability", "fineserve_top_probability_count")
+    key = tuple(sorted(model.items()))
+    assert top_after[key] - top_before.get(key, 0) == 3
+    # the request metrics name the model and the version that answered
+    requests = _samples(http, "fineserve_requests", "fineserve_requests_total")
+    labels = {"protocol": "http", "endpoint": "/v2/models/{model}/infer", "code": "200", **model}
+    assert requests[tuple(sorted(labels.items()))] >= 1
 
 
 def _texts_classified(http) -> float:
