@@ -105,6 +105,8 @@ def test_first_deploy_serves_all_traffic_and_makes_the_version_champion(
         "name": "STORAGE_URI",
         "value": f"s3://models/{registry[1]}/v1/artifacts/hf_model",
     } in container["env"]
+    # the predictor answers (metadata, /metrics) as the MLflow version it serves
+    assert {"name": "FINESERVE_MODEL_VERSION", "value": "1"} in container["env"]
     assert container["image"] == "registry.example/fineserve:test"
     assert obj["spec"]["predictor"]["labels"][VERSION_LABEL] == "1"
     assert "**created**" in (tmp_path / "report.md").read_text()

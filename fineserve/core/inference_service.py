@@ -174,7 +174,12 @@ def predictor_spec(mode: str, settings: PredictorSettings, *, name: str | None =
             *(["--device=cuda"] if settings.gpus else []),
             *settings.extra_args,
         ],
-        env=[V1EnvVar(name="STORAGE_URI", value=settings.storage_uri)],
+        env=[
+            V1EnvVar(name="STORAGE_URI", value=settings.storage_uri),
+            # the version the predictor answers as (v2 metadata, /metrics): the canary analysis
+            # tells revisions apart by it
+            V1EnvVar(name="FINESERVE_MODEL_VERSION", value=str(settings.model_version)),
+        ],
         ports=[V1ContainerPort(container_port=8080, protocol="TCP")],
         readiness_probe=V1Probe(
             http_get=V1HTTPGetAction(path="/v2/health/ready", port=8080),
