@@ -95,6 +95,86 @@ def _rollout(args: argparse.Namespace) -> None:
     print(rollout.render(rollout.Status(changed, {}, "")))
 
 
+#: `rollout analyze` exit codes by result (rolled-back and the rest: the canary did not go out).
+ANALYSIS_EXIT = {"promoted": 0, "rolled-back": 1, "inconclusive": 3, "interrupted": 130}
+
+
+def _analyze(args: argparse.Namespace) -> None:
+    import dataclasses
+    import json
+    import os
+
+    from fineserve.core import canary_analysis as analysis
+    from fineserve.core import registry
+    from fineserve.core.cluster import Cluster
+
+    url = args.prometheus_url or os.environ.get("PROMETHEUS_URL", "")
+    if not url:
+        raise ParameterError("rollout analyze needs --prometheus-url or $PROMETHEUS_URL")
+    thresholds = analysis.Thresholds(
+        **{f.name: getattr(args, f.name) for f in dataclasses.fields(analysis.Thresholds)}
+    )
+    settings = analysis.Settings(
+        steps=analysis.parse_steps(args.steps),
+        interval=args.interval,
+        threshold=args.threshold,
+        max_inconclusive=args.max_inconclusive,
+        thresholds=thresholds,
+        queries=analysis.parse_queries(args.query),
+    )
+    settings.check()  # before anything reaches the cluster
+    outcome = analysis.analyze(
+        Cluster(context=args.context, namespace=args.namespace),
+        args.name,
+        analysis.Prometheus(url),
+        registry.mlflow_client(args.tracking_uri),
+        settings,
+        report=(lambda line: None) if args.output == "json" else print,
+    )
+    if args.output == "json":
+        print(json.dumps(outcome.as_dict(), indent=2))
+    else:
+        print(analysis.render(outcome))
+    if outcome.result != "promoted":
+        raise SystemExit(ANALYSIS_EXIT[outcome.result])
+
+
+def _add_analyze_arguments(sub: argparse.ArgumentParser) -> None:
+    import dataclasses
+
+    from fineserve.core import canary_analysis as analysis
+
+    defaults = analysis.Settings()
+    sub.add_argument("--prometheus-url", default="", help="default: $PROMETHEUS_URL")
+    sub.add_argument(
+        "--steps",
+        default=",".join(map(str, defaults.steps)),
+        help="canary traffic steps in %%, rising, ending at 100 (the promotion)",
+    )
+    sub.add_argument(
+        "--interval", type=float, default=defaults.interval,
+        help="seconds each step is held before it is checked (also the query window)",
+    )  # fmt: skip
+    sub.add_argument(
+        "--threshold", type=int, default=defaults.threshold,
+        help="failed checks (in all) before the canary is rolled back",
+    )  # fmt: skip
+    sub.add_argument(
+        "--max-inconclusive", type=int, default=defaults.max_inconclusive,
+        help="checks in a row with too little traffic before giving up (traffic stays)",
+    )  # fmt: skip
+    for f in dataclasses.fields(analysis.Thresholds):
+        sub.add_argument(
+            "--" + f.name.replace("_", "-"), dest=f.name, type=type(f.default),
+            default=f.default, help=f"default {f.default}",
+        )  # fmt: skip
+    sub.add_argument(
+        "--query", action="append", default=[], metavar="NAME=PROMQL",
+        help=f"override a check's query ({', '.join(analysis.QUERIES)}); $model, $version, "
+        "$window are filled in",
+    )  # fmt: skip
+
+
 def _add_rollout_parser(commands) -> None:
     rollout_cmd = commands.add_parser(
         "rollout",
@@ -106,14 +186,18 @@ def _add_rollout_parser(commands) -> None:
         "set": "give the canary PERCENT of traffic (the stable version gets the rest)",
         "promote": "the canary serves everything; its version becomes champion",
         "rollback": "all traffic back to the stable version; champion stays",
+        "analyze": "step the canary's traffic up while Prometheus says it is healthy; promote "
+        "at the end, roll back after --threshold failed checks",
     }
     for action, text in helps.items():
         sub = actions.add_parser(action, help=text, description=text)
         sub.add_argument("name", help="the InferenceService")
         if action == "set":
             sub.add_argument("percent", type=int, help="the canary's share, 0-100")
-        if action == "status":
+        if action in ("status", "analyze"):
             sub.add_argument("-o", "--output", choices=("table", "json"), default="table")
+        if action == "analyze":
+            _add_analyze_arguments(sub)
         sub.add_argument("-n", "--namespace", default="", help="default: the context's")
         sub.add_argument("--context", default="", help="kubeconfig context (default: current)")
         sub.add_argument(
@@ -121,7 +205,7 @@ def _add_rollout_parser(commands) -> None:
             default=None,
             help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)",
         )
-        sub.set_defaults(func=_rollout)
+        sub.set_defaults(func=_analyze if action == "analyze" else _rollout)
 
 
 def build_parser() -> argparse.ArgumentParser:
