@@ -7,6 +7,16 @@
 # avoid downloading the CUDA libraries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# A real Prometheus for the canary-analysis test (Debian package), where this machine allows.
+if ! command -v prometheus >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  apt=(apt-get)
+  [ "$(id -u)" = 0 ] || apt=(sudo -n apt-get)
+  export DEBIAN_FRONTEND=noninteractive
+  "${apt[@]}" install -y -qq prometheus >/dev/null 2>&1 \
+    || { "${apt[@]}" update -qq >/dev/null 2>&1 && "${apt[@]}" install -y -qq prometheus >/dev/null 2>&1; } \
+    || echo "WARNING: could not install prometheus (apt-get install prometheus); the canary analysis test needs it" >&2
+fi
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
