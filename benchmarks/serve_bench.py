@@ -9,6 +9,9 @@
     # everything in one run: batching on vs off vs the floor (MiniLM-L6 + a 3-label head)
     python benchmarks/serve_bench.py compare
 
+    # ... and the cost of the per-prediction metrics (label counts, top-probability histogram)
+    python benchmarks/serve_bench.py compare --prediction-metrics-off
+
 Traffic goes to loopback only (unless --allow-remote) and every run is bounded in time and count.
 """
 
@@ -36,6 +39,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = ["negative", "neutral", "positive"]
+NO_PREDICTION_METRICS = "prediction metrics off"
 
 
 # --- inputs -----------------------------------------------------------------------------------
@@ -269,14 +273,19 @@ def _free_port() -> int:
 class Server:
     """`python -m fineserve.serving` as a subprocess on free local ports."""
 
-    def __init__(self, model_dir: Path, name: str, knobs: list[str], log: Path) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        name: str,
+        knobs: list[str],
+        log: Path,
+        launcher: list[str] | None = None,
+    ) -> None:
         self.port, self.grpc_port = _free_port(), _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.name = name
         self.argv = [
-            sys.executable,
-            "-m",
-            "fineserve.serving",
+            *(launcher or [sys.executable, "-m", "fineserve.serving"]),
             "--model_name",
             name,
             "--model_dir",
@@ -353,11 +362,20 @@ def compare(args: argparse.Namespace) -> dict:
     for spec in args.variant:
         label, _, options = spec.partition("=")
         variants[label.strip()] = [*common, *shlex.split(options)]
+    launchers = {}
+    if args.prediction_metrics_off:  # the same server without the per-prediction metrics
+        variants[NO_PREDICTION_METRICS] = common
+        launchers[NO_PREDICTION_METRICS] = [
+            sys.executable,
+            str(REPO / "benchmarks" / "no_prediction_metrics.py"),
+        ]
     load: dict[str, list[LoadResult]] = {name: [] for name in variants}
     floor: dict[str, list[float]] = {"floor batch 16": [], "floor batch 1": []}
     with contextlib.ExitStack() as stack:
         servers = {
-            name: stack.enter_context(Server(model_dir, f"v{i}", knobs, work / f"v{i}.log"))
+            name: stack.enter_context(
+                Server(model_dir, f"v{i}", knobs, work / f"v{i}.log", launchers.get(name))
+            )
             for i, (name, knobs) in enumerate(variants.items())
         }
         for name, knobs in variants.items():
@@ -493,6 +511,11 @@ def main(argv: list[str] | None = None) -> None:
         default=[],
         metavar="LABEL=OPTIONS",
         help="another server to compare, e.g. 'unbatched, 2 workers=--max_batch_size 1'",
+    )
+    both.add_argument(
+        "--prediction-metrics-off",
+        action="store_true",
+        help="also serve with the per-prediction metrics off (benchmarks/no_prediction_metrics.py)",
     )
     both.add_argument(
         "--server-arg",

@@ -8,10 +8,11 @@ import contextlib
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fineserve.components.canary_analysis import analyze_canary
 from fineserve.components.deploy import deploy
 from fineserve.core.artifacts import (
     CHALLENGER,
@@ -21,7 +22,12 @@ from fineserve.core.artifacts import (
 )
 from fineserve.core.defaults import component_image
 from fineserve.pipelines.run_console import RunConsole
-from fineserve.pipelines.training_pipeline import DEPLOY, PIPELINE_NAME, build_training_pipeline
+from fineserve.pipelines.training_pipeline import (
+    ANALYZE,
+    DEPLOY,
+    PIPELINE_NAME,
+    build_training_pipeline,
+)
 
 
 @dataclass
@@ -34,7 +40,7 @@ class LocalRun:
     train_info: dict[str, Any]
     seconds: float
     warnings: list[str]  # why the test scores may mean little (evaluate's results)
-    deploy_report: Path | None = None  # the deploy step's report, when it ran
+    reports: dict[str, Path] = field(default_factory=dict)  # deploy, analyze-canary: if run
 
     def summary(self, arguments: dict[str, Any]) -> str:
         """What the user reads at the end of `fineserve run --local`."""
@@ -62,6 +68,11 @@ class LocalRun:
             f"  gate: {'passed' if self.outputs['gate_passed'] else 'failed'}: "
             f"{self.outputs['gate_reason']}",
             f"  deploy: {self.deploy_line(arguments)}",
+            *(
+                [f"  canary analysis: {self.verdict('analyze-canary')}"]
+                if "analyze-canary" in self.reports
+                else []
+            ),
             f"  artifacts: {self.run_dir}",
             f"    model {self.run_dir / 'train' / 'model'}",
             f"    report {self.run_dir / 'evaluate' / 'report'}",
@@ -73,16 +84,14 @@ class LocalRun:
         """What the deploy step did (its report's verdict), or why it did not run."""
         if not self.outputs["gate_passed"]:
             return "not run: the gate failed"
-        if self.deploy_report is None:
+        if "deploy" not in self.reports:
             return "skipped: no cluster named (-p kube_context=NAME deploys from a local run)"
-        verdict = next(
-            (
-                line
-                for line in self.deploy_report.read_text().splitlines()
-                if line.startswith("Inference")
-            ),
-            "",
-        )
+        return self.verdict("deploy")
+
+    def verdict(self, step: str) -> str:
+        """The verdict line of a step's Markdown report, as plain text."""
+        lines = self.reports[step].read_text().splitlines()
+        verdict = next((line for line in lines if line.startswith("InferenceService")), "")
         return verdict.replace("**", "").replace("`", "")
 
 
@@ -142,7 +151,7 @@ def run_local(
         stack.enter_context(_steps_run_this_interpreter())
         task = build_training_pipeline(download_retries=0)(**arguments)
         (run_dir,) = set(output_dir.glob(f"{PIPELINE_NAME}-*")) - before
-        deploy_report = _deploy_if_gate_passed(dict(task.outputs), arguments, run_dir)
+        reports = _run_gated_steps(dict(task.outputs), arguments, run_dir)
     seconds = time.monotonic() - started
     results = read_evaluation_results(run_dir / "evaluate" / "results")
     train_info = read_model_info(run_dir / "train" / "model")
@@ -153,28 +162,33 @@ def run_local(
         train_info=train_info,
         seconds=seconds,
         warnings=results.get("warnings", []),
-        deploy_report=deploy_report,
+        reports=reports,
     )
 
 
-def _deploy_if_gate_passed(
+def _run_gated_steps(
     outputs: dict[str, Any], arguments: dict[str, Any], run_dir: Path
-) -> Path | None:
-    """Run the deploy step as the DAG's `dsl.If` does on Kubeflow; its report, if it ran.
+) -> dict[str, Path]:
+    """Run deploy and the canary analysis as the DAG's `dsl.If`s do on Kubeflow; their reports.
 
     kfp.local (2.17.0-2.17.3) cannot evaluate a condition on a task's output: it looks the
     channel (`gate-passed`) up among the pipeline's inputs, finds nothing and reads the
-    condition as false, so inside the DAG deploy never runs locally. Here the same component
-    runs with the same arguments, after the gate, when it passed and a cluster is named.
+    condition as false, so inside the DAG these steps never run locally. Here the same
+    components run with the same arguments, after the gate, on the same conditions: the gate
+    passed and a cluster is named; for the analysis, `canary_analysis` and a started canary.
     """
-    report = run_dir / "deploy" / "report"
-    if report.exists():  # a kfp.local that evaluates the condition ran it in the DAG
-        return report
+    in_dag = {s: run_dir / s / "report" for s in ("deploy", "analyze-canary")}
+    if in_dag["deploy"].exists():  # a kfp.local that evaluates conditions ran them in the DAG
+        return {step: report for step, report in in_dag.items() if report.exists()}
     if not outputs["gate_passed"] or not arguments.get("kube_context"):
-        return None
-    task = deploy(
+        return {}
+    deployed = deploy(
         model_version=outputs["model_version"],
         image=component_image(),
         **DEPLOY.arguments(arguments),
     )
-    return Path(task.outputs["report"].path)
+    reports = {"deploy": Path(deployed.outputs["report"].path)}
+    if arguments["canary_analysis"] and deployed.outputs["action"] == "canary":
+        analyzed = analyze_canary(**ANALYZE.arguments(arguments))
+        reports["analyze-canary"] = Path(analyzed.outputs["report"].path)
+    return reports

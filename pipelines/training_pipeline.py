@@ -1,6 +1,7 @@
-"""The training DAG: download → tokenize → train → evaluate → register → gate → deploy.
+"""The DAG: download → tokenize → train → evaluate → register → gate → deploy → analyze canary.
 
-Deploy runs only when the gate passes (`dsl.If`), as the run's ServiceAccount (submit runs with
+Deploy runs only when the gate passes (`dsl.If`), and the canary analysis only when it is on
+(`canary_analysis`) and deploy started a canary; both as the run's ServiceAccount (submit runs with
 `fineserve-pipeline` from manifests/: kfp-kubernetes 2.17 has no per-task ServiceAccount).
 
 Every step parameter is a pipeline parameter (see `fineserve.pipelines.step_parameters`): a
@@ -13,6 +14,7 @@ from typing import Any, NamedTuple
 
 from kfp import dsl
 
+from fineserve.components.canary_analysis import analyze_canary
 from fineserve.components.deploy import deploy
 from fineserve.components.download import download
 from fineserve.components.evaluation import evaluate
@@ -70,7 +72,8 @@ EVALUATE = Step(evaluate, hidden=("batch_size",))
 REGISTER = Step(register, hidden=("alias", "image", "pipeline_run_id"))
 GATE = Step(gate, hidden=("challenger_version",))
 DEPLOY = Step(deploy, hidden=("model_version", "image"))
-STEPS = [DOWNLOAD, TOKENIZE, TRAIN, EVALUATE, REGISTER, GATE, DEPLOY]
+ANALYZE = Step(analyze_canary)
+STEPS = [DOWNLOAD, TOKENIZE, TRAIN, EVALUATE, REGISTER, GATE, DEPLOY, ANALYZE]
 
 #: Where the pipeline's default differs from the step's: the cluster run's data, model, MLflow.
 CLUSTER_DEFAULTS: dict[str, Any] = {
@@ -82,11 +85,13 @@ CLUSTER_DEFAULTS: dict[str, Any] = {
 }
 
 
-def pipeline_settings(gpu_limit: int = 1) -> None:
+def pipeline_settings(gpu_limit: int = 1, canary_analysis: bool = False) -> None:
     """Parameters of the pipeline itself, not of one step's function.
 
     Args:
         gpu_limit: GPUs requested by the train step.
+        canary_analysis: After deploy starts a canary, step its traffic up on Prometheus'
+            verdict and promote or roll it back (analyze_canary); off: an operator decides.
     """
 
 
@@ -146,6 +151,16 @@ def build_training_pipeline(download_retries: int = DOWNLOAD_RETRIES):
             )
             deployed.set_display_name("deploy")
             deployed.set_caching_options(False)  # the cluster is state: always look again
+            with (
+                dsl.If(
+                    values["canary_analysis"] == True,  # noqa: E712
+                    name="canary-analysis-on",
+                ),
+                dsl.If(deployed.outputs["action"] == "canary", name="canary-started"),
+            ):
+                analyzed = analyze_canary(**ANALYZE.arguments(values))
+                analyzed.set_display_name("analyze canary")
+                analyzed.set_caching_options(False)
 
         return TrainingOutputs(
             accuracy=scored.outputs["accuracy"],

@@ -37,6 +37,7 @@ STEP_MODULES = {
         "registration",
         "gate",
         "deploy",
+        "canary_analysis",
     )
 }
 BARE_NAMES = ("components", "pipelines", "serving")

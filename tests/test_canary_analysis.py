@@ -325,3 +325,13 @@ def test_the_cli_refuses_bad_settings_before_it_reaches_a_cluster(args, message,
         main(["rollout", "analyze", ISVC, "--context", "nowhere", "--prometheus-url", "x", *args])
     assert exited.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_pipeline_step_refuses_to_run_without_a_prometheus_url(tmp_path):
+    from fineserve.components.canary_analysis import analyze_canary
+    from fineserve.components.decorator import call_component
+
+    with pytest.raises(ParameterError, match="prometheus_url is empty"):
+        call_component(analyze_canary, report=str(tmp_path / "report.md"), kube_context="x")
+    with pytest.raises(ParameterError, match="steps must rise strictly"):
+        call_component(analyze_canary, report=str(tmp_path / "r.md"), analysis_steps="50,10,100")

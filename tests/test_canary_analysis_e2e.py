@@ -28,6 +28,8 @@ import pytest
 import yaml
 from serving_helpers import REPO, ServerProcess, free_port, serve_module_argv, v2_body
 
+from fineserve.components.canary_analysis import analyze_canary
+from fineserve.components.decorator import call_component
 from fineserve.components.deploy import rollout_version
 from fineserve.core import canary_analysis as analysis
 from fineserve.core.artifacts import CHAMPION, PREVIOUS, TAG_STORAGE_URI
@@ -254,11 +256,19 @@ SETTINGS = analysis.Settings(
 )
 
 
-@pytest.mark.parametrize("mode", ["Serverless", "Standard"])
+def _assert_promoted(cluster, registry) -> None:
+    state = read_rollout(cluster.require(ISVC))
+    assert state.served_version == GOOD and state.canary is None
+    assert registry.get_model_version_by_alias(MODEL, CHAMPION).version == int(GOOD)
+    assert registry.get_model_version_by_alias(MODEL, PREVIOUS).version == int(STABLE)
+    annotations = cluster.require(ISVC)["metadata"].get("annotations") or {}
+    assert analysis.LEASE_ANNOTATION not in annotations  # the lease was given back
+
+
 def test_a_good_canary_is_stepped_up_and_promoted(
-    mode, canary, fake_kube, registry, predictors, prometheus, texts
+    canary, fake_kube, registry, predictors, prometheus, texts
 ):
-    cluster = canary(mode, GOOD)
+    cluster = canary("Serverless", GOOD)
     seen: list[str] = []
     with Load(Router(fake_kube, predictors), texts):
         outcome = analysis.analyze(
@@ -266,12 +276,28 @@ def test_a_good_canary_is_stepped_up_and_promoted(
         )
     assert outcome.result == "promoted", "\n".join(seen)
     assert [i.percent for i in outcome.history if i.verdict] == [10, 25, 50]
-    state = read_rollout(cluster.require(ISVC))
-    assert state.served_version == GOOD and state.canary is None
-    assert registry.get_model_version_by_alias(MODEL, CHAMPION).version == int(GOOD)
-    assert registry.get_model_version_by_alias(MODEL, PREVIOUS).version == int(STABLE)
-    annotations = cluster.require(ISVC)["metadata"].get("annotations") or {}
-    assert analysis.LEASE_ANNOTATION not in annotations  # the lease was given back
+    _assert_promoted(cluster, registry)
+
+
+def test_the_pipeline_step_promotes_a_good_standard_mode_canary_and_reports_it(
+    canary, fake_kube, registry, predictors, prometheus, texts, tmp_path
+):
+    cluster = canary("Standard", GOOD)
+    report = tmp_path / "report.md"
+    t = SETTINGS.thresholds
+    with Load(Router(fake_kube, predictors), texts):
+        result = call_component(
+            analyze_canary, report=str(report), prometheus_url=prometheus,
+            tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", inference_service=ISVC,
+            namespace="fineserve", kube_context="fake", analysis_interval=INTERVAL,
+            analysis_max_inconclusive=SETTINGS.max_inconclusive,
+            min_requests=t.min_requests, p99_margin_seconds=t.p99_margin_seconds,
+        )  # fmt: skip
+    assert result.outputs.result == "promoted", report.read_text()
+    _assert_promoted(cluster, registry)
+    markdown = report.read_text()
+    assert "InferenceService `fineserve`: **promoted**" in markdown
+    assert "| 1. label divergence | 10% | pass |" in markdown
 
 
 def test_a_canary_failing_part_of_its_requests_is_rolled_back(

@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from fineserve.components import (
+    canary_analysis,
     deploy,
     download,
     evaluation,
@@ -26,7 +27,7 @@ from fineserve.pipelines.training_pipeline import training_pipeline
 
 TASKS = {"download", "tokenize", "train", "evaluate", "register", "gate"}
 #: Steps that read state outside their inputs (the champion, the cluster): never cached.
-UNCACHED = {"gate", "deploy"}
+UNCACHED = {"gate", "deploy", "analyze-canary"}
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +62,21 @@ def test_dag_runs_the_steps_in_order_and_deploys_only_when_the_gate_passes(compi
         "inputs.parameter_values['pipelinechannel--gate-passed'] == true"
     )
     inner = compiled["components"]["comp-condition-1"]["dag"]["tasks"]
-    assert set(inner) == {"deploy"}
+    assert set(inner) == {"deploy", "condition-2"}
     version = inner["deploy"]["inputs"]["parameters"]["model_version"]
     assert version["componentInputParameter"] == "pipelinechannel--register-model_version"
-    every = {**tasks, **inner}
+    # the canary analysis: only when switched on, and only when deploy started a canary
+    assert inner["condition-2"]["dependentTasks"] == ["deploy"]
+    assert inner["condition-2"]["triggerPolicy"]["condition"] == (
+        "inputs.parameter_values['pipelinechannel--canary_analysis'] == true"
+    )
+    started = compiled["components"]["comp-condition-2"]["dag"]["tasks"]["condition-3"]
+    assert started["triggerPolicy"]["condition"] == (
+        "inputs.parameter_values['pipelinechannel--deploy-action'] == 'canary'"
+    )
+    analysis = compiled["components"]["comp-condition-3"]["dag"]["tasks"]
+    assert set(analysis) == {"analyze-canary"}
+    every = {**tasks, **inner, **analysis}
     for name, task in every.items():
         if name in TASKS - UNCACHED:
             assert task["cachingOptions"].get("enableCache"), name
@@ -110,6 +122,7 @@ def test_cluster_defaults(compiled):
         registration.register,
         gate.gate,
         deploy.deploy,
+        canary_analysis.analyze_canary,
     ],
 )
 def test_every_component_argument_is_documented(component):
@@ -209,7 +222,8 @@ def test_pipeline_parameters_are_the_steps_and_nothing_else():
     from fineserve.pipelines.training_pipeline import STEPS
 
     from_steps = {p.name for step in STEPS for p in step.parameters()}
-    assert set(training_pipeline.component_spec.inputs) == from_steps | {"gpu_limit"}
+    own = {"gpu_limit", "canary_analysis"}
+    assert set(training_pipeline.component_spec.inputs) == from_steps | own
 
 
 def test_steps_that_share_a_parameter_must_agree_on_it():
