@@ -12,6 +12,7 @@ import time
 
 import mlflow
 import pytest
+from scripted_prometheus import LABELS, ScriptedPrometheus, sample
 
 from fineserve.components.deploy import rollout_version
 from fineserve.core import canary_analysis as analysis
@@ -23,11 +24,6 @@ from fineserve.core.errors import ClusterError, ParameterError
 from fineserve.core.inference_service import PredictorSettings, read_rollout
 
 MODEL, ISVC = "clf", "fineserve"
-LABELS = {"negative": 30.0, "neutral": 40.0, "positive": 30.0}
-
-
-def sample(requests=100.0, errors=0.0, p99=0.05, labels=None, confidence=0.8) -> Sample:
-    return Sample(requests, errors, p99, dict(LABELS if labels is None else labels), confidence)
 
 
 GOOD, LOW, BAD = sample(), sample(requests=3), sample(errors=20)
@@ -118,37 +114,6 @@ def test_bad_settings_are_refused_naming_the_setting(settings, message):
 
 
 # ------------------------------------------------------------------------------ the loop
-
-
-class ScriptedPrometheus:
-    """Answers the analysis' queries from a script of windows {version: Sample}.
-
-    Its ``advance`` is the analysis' sleep: each held interval moves to the next window; a
-    window that is an exception is raised instead (Ctrl-C).
-    """
-
-    def __init__(self, windows: list) -> None:
-        self.windows, self.index, self.slept = windows, -1, 0.0
-
-    def advance(self, seconds: float) -> None:
-        self.index += 1
-        self.slept += seconds
-        if isinstance(self.windows[self.index], BaseException):
-            raise self.windows[self.index]
-
-    def query(self, promql: str) -> list[tuple[dict, float]]:
-        version = re.search(r'model_version="([^"]+)"', promql).group(1)
-        window = self.windows[self.index]
-        s = window.get(version, GOOD)
-        if "fineserve_predictions_total" in promql:
-            return [({"label": k}, v) for k, v in s.labels.items()]
-        if "code=~" in promql:
-            return [({}, s.errors)]
-        if "fineserve_requests_total" in promql:
-            return [({}, s.requests)]
-        if "histogram_quantile" in promql:
-            return [({}, s.p99)] if s.p99 is not None else []
-        return [({}, s.confidence)]
 
 
 @pytest.fixture

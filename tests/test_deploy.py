@@ -12,10 +12,11 @@ import uuid
 
 import pytest
 from mlflow import MlflowClient
+from scripted_prometheus import ScriptedPrometheus
 
 from fineserve.components.decorator import call_component
 from fineserve.components.deploy import deploy
-from fineserve.core import rollout
+from fineserve.core import canary_analysis, rollout
 from fineserve.core.artifacts import CHAMPION, PREVIOUS, TAG_STORAGE_URI
 from fineserve.core.cluster import Cluster
 from fineserve.core.errors import ClusterError, ParameterError, RegistryError
@@ -443,7 +444,7 @@ def allowed(role: dict, request) -> bool:
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_the_role_in_manifests_allows_exactly_what_deploy_and_rollout_use(
+def test_the_role_in_manifests_allows_exactly_what_deploy_rollout_and_analysis_use(
     fake_kube, kserve_controller, registry, mode, tmp_path, monkeypatch
 ):
     client, name, uri = registry
@@ -465,6 +466,13 @@ def test_the_role_in_manifests_allows_exactly_what_deploy_and_rollout_use(
     rollout.promote(cluster, ISVC, client)
     current_champion(client, name, inference_service=ISVC, namespace="", kube_context="fake")
     run_deploy(registry, 3, mode)
+    # the canary analysis: one step up, the lease taken and renewed, then Ctrl-C
+    script = ScriptedPrometheus([{}, KeyboardInterrupt()])
+    outcome = canary_analysis.analyze(
+        cluster, ISVC, script, client, canary_analysis.Settings(interval=1.0),
+        report=lambda _: None, sleep=script.advance,
+    )  # fmt: skip
+    assert outcome.result == "interrupted"
     rollout.rollback(cluster, ISVC)
     kserve_controller.ready = lambda predictor: "CrashLoopBackOff"
     with pytest.raises(ClusterError, match="rolled back"):
