@@ -110,6 +110,7 @@ def test_first_deploy_serves_all_traffic_and_makes_the_version_champion(
     assert {"name": "FINESERVE_MODEL_VERSION", "value": "1"} in container["env"]
     assert container["image"] == "registry.example/fineserve:test"
     assert obj["spec"]["predictor"]["labels"][VERSION_LABEL] == "1"
+    assert obj["spec"]["predictor"]["annotations"]["prometheus.io/scrape"] == "true"
     assert "**created**" in (tmp_path / "report.md").read_text()
 
 

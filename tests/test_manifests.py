@@ -436,3 +436,12 @@ def test_the_gateway_for_standard_mode_canaries_is_the_one_kserve_routes_through
     assert set(allowed["namespaces"]) <= GATEWAY_FIELDS["namespaces"]
     # KServe writes the HTTPRoutes in the InferenceService's namespace, not the Gateway's
     assert allowed["namespaces"]["from"] == "All"
+
+
+def test_predictors_are_scraped_where_the_canary_analysis_reads_them(base):
+    from fineserve.core.inference_service import SCRAPE_ANNOTATIONS
+
+    predictor = one(base, "InferenceService")["spec"]["predictor"]
+    assert predictor["annotations"] == SCRAPE_ANNOTATIONS
+    port = predictor["containers"][0]["ports"][0]["containerPort"]
+    assert SCRAPE_ANNOTATIONS["prometheus.io/port"] == str(port)

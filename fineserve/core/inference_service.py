@@ -66,6 +66,15 @@ def mode_of(isvc: dict) -> str:
     return normalize_mode(annotations.get(MODE_ANNOTATION, SERVERLESS))
 
 
+#: Where Prometheus (annotation-based pod discovery) finds each predictor's /metrics: the canary
+#: analysis reads them.
+SCRAPE_ANNOTATIONS = {
+    "prometheus.io/scrape": "true",
+    "prometheus.io/port": "8080",
+    "prometheus.io/path": "/metrics",
+}
+
+
 @dataclass
 class PredictorSettings:
     """What a predictor runs and how it scales; 0 or "" means the mode's default."""
@@ -201,6 +210,7 @@ def predictor_spec(mode: str, settings: PredictorSettings, *, name: str | None =
     return V1beta1PredictorSpec(
         name=name,
         labels={VERSION_LABEL: str(settings.model_version)},
+        annotations=dict(SCRAPE_ANNOTATIONS),
         service_account_name=settings.service_account or None,
         min_replicas=settings.min_replicas,
         max_replicas=settings.max_replicas,
