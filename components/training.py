@@ -235,6 +235,14 @@ def last_complete_checkpoint(checkpoint_dir: str) -> str | None:
     return str(newest) if newest else None
 
 
+def run_digest(run_key: dict[str, Any]) -> str:
+    """A short name for a run's inputs and settings (its checkpoint folder on a shared volume)."""
+    import hashlib
+
+    encoded = json.dumps(run_key, sort_keys=True, default=str).encode()
+    return "run-" + hashlib.sha256(encoded).hexdigest()[:16]
+
+
 def resumable_checkpoint(checkpoint_dir: str, run_key: dict[str, Any]) -> str | None:
     """The last complete checkpoint of an interrupted run with the same inputs and settings.
 
@@ -289,8 +297,9 @@ def train(
         early_stopping_patience: Epochs without validation macro-F1 gain before stopping; 0 off.
         max_steps: Stop after this many optimizer steps; -1 for no limit.
         seed: Seed for initialisation, shuffling and dropout.
-        checkpoint_dir: Where epoch checkpoints go (mount a volume here so a retried or
-            restarted step resumes); empty for a folder next to the model output.
+        checkpoint_dir: Where epoch checkpoints go, in a folder per run's inputs and settings
+            (mount a volume here so a retried or restarted step resumes); empty for a folder
+            next to the model output.
         group_by_length: Batch texts of similar length (in random batch order) to spend little
             compute on padding; false for plain shuffled batches.
 
@@ -305,6 +314,7 @@ def train(
         if name not in ("tokenized", "model", "metrics", "checkpoint_dir")
     }
     import os
+    from pathlib import Path
 
     import torch
     from transformers import (
@@ -325,7 +335,14 @@ def train(
     set_seed(seed)
     classifier = step.load_base_model(base_model, base_model_revision, label_names)
     flags = step.precision_flags()
-    checkpoint_dir = checkpoint_dir or f"{model.path.rstrip('/')}.checkpoints"
+    run_key = {"data": token_stats, "rows": data.num_rows, "hyperparameters": hyperparameters}
+    # a shared volume holds each run's checkpoints in its own folder, named by its inputs: a
+    # retried step finds its own, and another run's never clears them
+    checkpoint_dir = (
+        str(Path(checkpoint_dir) / step.run_digest(run_key))
+        if checkpoint_dir
+        else f"{model.path.rstrip('/')}.checkpoints"
+    )
     args = TrainingArguments(
         output_dir=checkpoint_dir,
         num_train_epochs=epochs,
@@ -353,7 +370,6 @@ def train(
     trainer = step.make_trainer(
         args, classifier, data, tokenizer, early_stopping_patience, group_by_length
     )
-    run_key = {"data": token_stats, "rows": data.num_rows, "hyperparameters": hyperparameters}
     resume_from = step.resumable_checkpoint(checkpoint_dir, run_key)
     if resume_from:
         step.log.info("resuming from checkpoint %s", resume_from)

@@ -10,20 +10,160 @@ from fineserve.core.errors import ClusterError, DataError, ParameterError, Regis
 
 
 def _compile(args: argparse.Namespace) -> None:
-    from kfp import compiler
+    from fineserve.pipelines.compile import compile_pipeline
 
-    from fineserve.pipelines.training_pipeline import training_pipeline
+    _, kubeflow = _params_file(args.params)
+    spec = compile_pipeline(args.output, image=args.image, kubeflow=kubeflow)
+    image = next(iter(spec["deploymentSpec"]["executors"].values()))["container"]["image"]
+    print(
+        f"wrote {args.output} ({spec['pipelineInfo']['displayName']}, image {image}): upload "
+        "it in the Kubeflow UI (Pipelines > Upload pipeline), or `fineserve submit`"
+    )
 
-    compiler.Compiler().compile(training_pipeline, args.output)
-    print(f"wrote {args.output}: upload it in the Kubeflow UI (Pipelines > Upload pipeline)")
+
+def _params_file(path: str | None):
+    """A params file's pipeline parameters and its `kubeflow:` section."""
+    from fineserve.pipelines.kubeflow_config import KubeflowConfig, split_params
+    from fineserve.pipelines.parameters import load_params_file
+
+    if not path:
+        return {}, KubeflowConfig()
+    return split_params(load_params_file(path))
 
 
 def _user_values(args: argparse.Namespace) -> dict:
-    from fineserve.pipelines.parameters import load_params_file, parse_assignments
+    from fineserve.pipelines.parameters import parse_assignments
 
-    values = load_params_file(args.params) if args.params else {}
+    values, _ = _params_file(args.params)  # the kubeflow: section is for the cluster commands
     values.update(parse_assignments(args.param))
     return values
+
+
+def _kubeflow_target(args: argparse.Namespace):
+    """The checked run parameters, the kubeflow settings with the flags applied, a connection."""
+    import dataclasses
+
+    from fineserve.pipelines import kfp_api
+    from fineserve.pipelines.parameters import parameter_types, validate
+    from fineserve.pipelines.training_pipeline import training_pipeline
+
+    values = _user_values(args)
+    params = validate(values, parameter_types(training_pipeline))  # names a bad key
+    _, kubeflow = _params_file(args.params)
+    overrides = {
+        key: value
+        for key, value in (
+            ("host", args.host), ("namespace", args.namespace),
+            ("experiment", args.experiment), ("image", args.image),
+        )
+        if value
+    }  # fmt: skip
+    kubeflow = dataclasses.replace(kubeflow, **overrides)
+    token = kfp_api.read_token(args.token_file)
+    connection = kfp_api.connect(kubeflow.host, kubeflow.namespace, token)
+    return params, kubeflow, connection
+
+
+def _compiled_package(kubeflow, workdir: str) -> str:
+    from fineserve.pipelines.compile import compile_pipeline
+
+    package = f"{workdir}/training.yaml"
+    compile_pipeline(package, kubeflow=kubeflow)
+    return package
+
+
+def _submit(args: argparse.Namespace) -> None:
+    import tempfile
+
+    from fineserve.pipelines import kfp_api
+    from fineserve.pipelines.training_pipeline import PIPELINE_NAME
+
+    params, kubeflow, connection = _kubeflow_target(args)
+    with tempfile.TemporaryDirectory() as workdir:
+        done = kfp_api.submit(
+            connection,
+            _compiled_package(kubeflow, workdir),
+            pipeline_name=args.pipeline_name or PIPELINE_NAME,
+            experiment=kubeflow.experiment,
+            run_name=args.run_name or f"fineserve-{time.strftime('%Y%m%d-%H%M%S')}",
+            params=params,
+            service_account=kubeflow.service_account,
+            version_name=args.version_name,
+        )
+    print(
+        f"pipeline version {done.pinned.version_name} ({done.pinned.version_id}) uploaded; "
+        f"run {done.id} started in experiment {kubeflow.experiment!r}\n{done.url}"
+    )
+
+
+def _schedule(args: argparse.Namespace) -> None:
+    from fineserve.pipelines import kfp_api
+
+    if args.action == "create":
+        _schedule_create(args)
+        return
+    _, kubeflow = _params_file(args.params)
+    import dataclasses
+
+    overrides = {k: v for k, v in (("host", args.host), ("namespace", args.namespace)) if v}
+    kubeflow = dataclasses.replace(kubeflow, **overrides)
+    connection = kfp_api.connect(
+        kubeflow.host, kubeflow.namespace, kfp_api.read_token(args.token_file)
+    )
+    if args.action == "list":
+        runs = kfp_api.recurring_runs(connection)
+        if not runs:
+            print("no recurring runs")
+        for recurring in runs:
+            trigger, upcoming = kfp_api.describe_trigger(recurring)
+            print(
+                f"{recurring.recurring_run_id}  {recurring.display_name}  {recurring.status}  "
+                f"{trigger}  max concurrency {recurring.max_concurrency}  "
+                f"{'no catch-up' if recurring.no_catchup else 'catch-up'}"
+            )
+            if upcoming and recurring.status == "ENABLED":
+                print("  next: " + ", ".join(t.strftime("%Y-%m-%d %H:%M:%S UTC") for t in upcoming))
+        return
+    kfp_api.set_recurring_run(connection, args.id, args.action)
+    print(f"recurring run {args.id}: {args.action}d")
+
+
+def _schedule_create(args: argparse.Namespace) -> None:
+    import tempfile
+
+    from fineserve.pipelines import kfp_api
+    from fineserve.pipelines.training_pipeline import PIPELINE_NAME
+
+    cron = kfp_api.to_six_fields(args.cron) if args.cron else ""  # before any request
+    every = kfp_api.parse_interval(args.every) if args.every else 0
+    if bool(cron) == bool(every):
+        raise ParameterError("schedule create needs exactly one of --cron and --every")
+    params, kubeflow, connection = _kubeflow_target(args)
+    with tempfile.TemporaryDirectory() as workdir:
+        done = kfp_api.schedule(
+            connection,
+            _compiled_package(kubeflow, workdir),
+            pipeline_name=args.pipeline_name or PIPELINE_NAME,
+            experiment=kubeflow.experiment,
+            name=args.name,
+            params=params,
+            cron=cron,
+            interval_seconds=every,
+            catchup=args.catchup,
+            service_account=kubeflow.service_account,
+            version_name=args.version_name,
+        )
+    if cron:
+        when = f"cron {cron!r} (six fields, seconds first, as KFP reads it)"
+        upcoming = ", ".join(t.strftime("%Y-%m-%d %H:%M:%S UTC") for t in kfp_api.next_runs(cron))
+        when += f"; next runs: {upcoming}"
+    else:
+        when = f"every {every}s"
+    print(
+        f"recurring run {done.id} ({args.name!r}) on pipeline version "
+        f"{done.pinned.version_name}: {when}; one run at a time, "
+        f"{'catching up' if args.catchup else 'no catch-up'}\n{done.url}"
+    )
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -175,6 +315,53 @@ def _add_analyze_arguments(sub: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def _add_kubeflow_arguments(sub: argparse.ArgumentParser, *, run: bool = True) -> None:
+    sub.add_argument("--params", metavar="FILE.yaml", help="parameters and a kubeflow: section")
+    sub.add_argument("--host", default="", help="KFP API URL (default: kubeflow.host)")
+    sub.add_argument("-n", "--namespace", default="", help="default: kubeflow.namespace")
+    sub.add_argument(
+        "--token-file", default="", help="bearer token file (default: $KF_PIPELINES_TOKEN)"
+    )
+    if not run:
+        return
+    sub.add_argument(
+        "-p", "--param", action="append", default=[], metavar="NAME=VALUE",
+        help="a pipeline parameter (repeatable)",
+    )  # fmt: skip
+    sub.add_argument("--experiment", default="", help="default: kubeflow.experiment")
+    sub.add_argument("--image", default="", help="default: kubeflow.image, else ours")
+    sub.add_argument("--pipeline-name", default="", help="default: fineserve-training")
+    sub.add_argument("--version-name", default="", help="default: <pipeline>-<timestamp>")
+
+
+def _add_schedule_parser(commands) -> None:
+    schedule_cmd = commands.add_parser(
+        "schedule", help="KFP recurring runs of the pipeline (retraining on a schedule)"
+    )
+    actions = schedule_cmd.add_subparsers(dest="action", required=True)
+    create = actions.add_parser(
+        "create", help="upload a pinned version and run it on a cron or an interval"
+    )
+    create.add_argument("name", help="the recurring run's name")
+    create.add_argument(
+        "--cron", default="", help="Unix cron (5 fields, e.g. '0 3 * * *') or KFP's 6 fields"
+    )
+    create.add_argument("--every", default="", help="an interval instead: 3600, 90m, 6h, 1d")
+    create.add_argument(
+        "--catchup", action="store_true", help="run the missed intervals after a pause"
+    )
+    _add_kubeflow_arguments(create)
+    create.set_defaults(func=_schedule)
+    listed = actions.add_parser("list", help="recurring runs with their triggers and next runs")
+    _add_kubeflow_arguments(listed, run=False)
+    listed.set_defaults(func=_schedule)
+    for action in ("disable", "enable", "delete"):
+        sub = actions.add_parser(action, help=f"{action} a recurring run")
+        sub.add_argument("id", help="the recurring run's id (schedule list)")
+        _add_kubeflow_arguments(sub, run=False)
+        sub.set_defaults(func=_schedule)
+
+
 def _add_rollout_parser(commands) -> None:
     rollout_cmd = commands.add_parser(
         "rollout",
@@ -217,7 +404,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     compile_cmd = commands.add_parser("compile", help="write the pipeline IR YAML for Kubeflow")
     compile_cmd.add_argument("-o", "--output", default="training.yaml", help="output file")
+    compile_cmd.add_argument(
+        "--image", default="", help="image of every step and the predictor (default: "
+        "kubeflow.image of --params, else $FINESERVE_IMAGE, else ours)",
+    )  # fmt: skip
+    compile_cmd.add_argument(
+        "--params", metavar="FILE.yaml", help="a params file whose `kubeflow:` section sets "
+        "the cluster plumbing (secrets, cache volume, GPU nodes, timeouts)",
+    )  # fmt: skip
     compile_cmd.set_defaults(func=_compile)
+
+    submit_cmd = commands.add_parser(
+        "submit", help="upload the pipeline as a new version to Kubeflow and start a run"
+    )
+    _add_kubeflow_arguments(submit_cmd)
+    submit_cmd.add_argument("--run-name", default="", help="default: fineserve-<timestamp>")
+    submit_cmd.set_defaults(func=_submit)
+
+    _add_schedule_parser(commands)
 
     run_cmd = commands.add_parser("run", help="run the training pipeline")
     run_cmd.add_argument(

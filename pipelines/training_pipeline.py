@@ -29,6 +29,8 @@ from fineserve.core.defaults import (
     CLUSTER_TRACKING_URI,
     component_image,
 )
+from fineserve.pipelines.kubeflow_config import CACHE_MOUNT, KubeflowConfig
+from fineserve.pipelines.kubeflow_config import apply as apply_kubeflow_config
 from fineserve.pipelines.step_parameters import Step, pipeline_function, pipeline_parameters
 
 PIPELINE_NAME = "fineserve-training"
@@ -95,13 +97,24 @@ def pipeline_settings(gpu_limit: int = 1, canary_analysis: bool = False) -> None
     """
 
 
-def build_training_pipeline(download_retries: int = DOWNLOAD_RETRIES):
+def build_training_pipeline(
+    download_retries: int = DOWNLOAD_RETRIES,
+    kubeflow: KubeflowConfig | None = None,
+    image: str = "",
+):
     """The DAG, with ``download_retries`` retries (backoff 30 s, doubling) on the download step.
 
     Local runs use 0: there a failed download is nearly always bad input, reported at once.
+    ``kubeflow`` sets the steps' pods up for a cluster (secrets, cache volume, GPU nodes,
+    timeouts; see `kubeflow_config`); ``image`` is the predictor image deploy and register
+    record (default: `component_image()`).
     """
+    image = image or component_image()
+    defaults = dict(CLUSTER_DEFAULTS)
+    if kubeflow is not None and kubeflow.cache_pvc:  # checkpoints on the volume: retries resume
+        defaults["checkpoint_dir"] = f"{CACHE_MOUNT}/checkpoints"
     parameters, descriptions = pipeline_parameters(
-        STEPS, defaults=CLUSTER_DEFAULTS, extra=pipeline_settings
+        STEPS, defaults=defaults, extra=pipeline_settings
     )
 
     def dag(values: dict[str, Any]) -> TrainingOutputs:
@@ -129,7 +142,7 @@ def build_training_pipeline(download_retries: int = DOWNLOAD_RETRIES):
             model=trained.outputs["model"],
             results=scored.outputs["results"],
             report=scored.outputs["report"],
-            image=component_image(),
+            image=image,
             **REGISTER.arguments(values),
         )
         registered.set_display_name("register")
@@ -146,7 +159,7 @@ def build_training_pipeline(download_retries: int = DOWNLOAD_RETRIES):
         with dsl.If(gated.outputs["passed"] == True, name="gate-passed"):  # noqa: E712
             deployed = deploy(
                 model_version=registered.outputs["model_version"],
-                image=component_image(),
+                image=image,
                 **DEPLOY.arguments(values),
             )
             deployed.set_display_name("deploy")
@@ -162,6 +175,13 @@ def build_training_pipeline(download_retries: int = DOWNLOAD_RETRIES):
                 analyzed.set_display_name("analyze canary")
                 analyzed.set_caching_options(False)
 
+        if kubeflow is not None:
+            tasks = {
+                "download": data, "tokenize": tokens, "train": trained, "evaluate": scored,
+                "register": registered, "gate": gated, "deploy": deployed,
+                "analyze-canary": analyzed,
+            }  # fmt: skip
+            apply_kubeflow_config(tasks, kubeflow)
         return TrainingOutputs(
             accuracy=scored.outputs["accuracy"],
             macro_f1=scored.outputs["macro_f1"],

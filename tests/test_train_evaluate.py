@@ -148,7 +148,7 @@ def test_a_killed_train_step_resumes_and_ends_as_an_uninterrupted_run(
     )
     child = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while not list(checkpoints.glob("checkpoint-*/trainer_state.json")):
+    while not list(checkpoints.glob("run-*/checkpoint-*/trainer_state.json")):
         assert child.poll() is None, "the step ended before its first checkpoint"
         assert time.monotonic() < deadline, "no checkpoint within 120 s"
         time.sleep(0.01)
@@ -178,8 +178,11 @@ def test_a_checkpoint_cut_short_is_removed_not_resumed(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-15"]
 
 
-def test_checkpoints_of_another_run_are_not_resumed(tokenized_dir, tiny_base_model, tmp_path):
-    ckpt = tmp_path / "ckpt" / "checkpoint-15"
+def test_checkpoints_of_another_run_are_neither_resumed_nor_cleared(
+    tokenized_dir, tiny_base_model, tmp_path
+):
+    # a volume shared by runs: another run (other inputs) is checkpointing beside this one
+    ckpt = tmp_path / "ckpt" / "run-0123456789abcdef" / "checkpoint-15"
     ckpt.mkdir(parents=True)
     (ckpt / "trainer_state.json").write_text("{}")
     train_model(
@@ -191,6 +194,7 @@ def test_checkpoints_of_another_run_are_not_resumed(tokenized_dir, tiny_base_mod
     )
     info = json.loads((tmp_path / "m" / MODEL_INFO_FILE).read_text())
     assert info["resumed_from"] is None
+    assert (ckpt / "trainer_state.json").exists()  # the other run's checkpoint is still there
 
 
 def test_classification_report_matches_sklearn():
