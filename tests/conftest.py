@@ -95,59 +95,33 @@ def small_corpus_csv(tmp_path_factory, corpus_frame) -> Path:
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1 (SQLite store, proxied artifacts): its URL."""
-    import subprocess
     import sys
-    import time
 
-    import httpx
-    from serving_helpers import free_port
+    from serving_helpers import BackgroundServer, free_port
 
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
     argv = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1"]
     argv += ["--port", str(port), "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"]
     argv += ["--artifacts-destination", str(root / "artifacts"), "--workers", "1"]
-    with open(root / "server.log", "wb") as log:
-        server = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, (root / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "mlflow server did not start in 120 s"
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.3)
+    with BackgroundServer(
+        argv, f"{url}/health", log_path=root / "server.log", what="mlflow server"
+    ):
         yield url
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
 
 
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory):
     """Moto's S3 API on 127.0.0.1 with a bucket `fineserve`; its environment for clients."""
-    import subprocess
     import sys
-    import time
 
     import boto3
-    import httpx
-    from serving_helpers import free_port
+    from serving_helpers import BackgroundServer, free_port
 
     port = free_port()
     log = tmp_path_factory.mktemp("moto") / "moto.log"
-    with open(log, "wb") as out:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
     url = f"http://127.0.0.1:{port}"
     env = {
         "AWS_ACCESS_KEY_ID": "testing",
@@ -156,23 +130,11 @@ def s3(tmp_path_factory):
         "AWS_ENDPOINT_URL": url,  # kserve-storage
         "MLFLOW_S3_ENDPOINT_URL": url,  # MLflow
     }
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert server.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "moto did not start"
-            try:
-                httpx.get(url, timeout=1)
-                break
-            except httpx.TransportError:
-                time.sleep(0.2)
+    with BackgroundServer(argv, url, log_path=log, what="moto", healthy_codes=(200, 404)):
         boto3.client("s3", endpoint_url=url, region_name="us-east-1",
                      aws_access_key_id="testing", aws_secret_access_key="testing",
                      ).create_bucket(Bucket="fineserve")  # fmt: skip
         yield env
-    finally:
-        server.terminate()
-        server.wait(timeout=20)
 
 
 # --- fake Kubernetes API server and KServe's controller (tests/kube_fake.py, kserve_emulator.py)

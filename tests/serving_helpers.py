@@ -116,3 +116,56 @@ def v2_body(texts: list, *, request_id: str | None = None, **tensor: object) -> 
     if request_id is not None:
         body["id"] = request_id
     return body
+
+
+class BackgroundServer:
+    """A server process (MLflow, moto, Prometheus) started for the tests, up once entered.
+
+    It is up when ``health_url`` answers ``healthy_codes``; its output goes to ``log_path``,
+    whose tail a failed start reports.
+    """
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        health_url: str,
+        *,
+        log_path: Path,
+        what: str,
+        timeout: float = 120.0,
+        healthy_codes: tuple[int, ...] = (200,),
+    ) -> None:
+        self.argv, self.health_url, self.log_path = list(argv), health_url, log_path
+        self.what, self.timeout, self.healthy_codes = what, timeout, healthy_codes
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> BackgroundServer:
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + self.timeout
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(
+                        f"{self.what} exited with {self.proc.returncode}:\n"
+                        + self.log_path.read_text(errors="replace")[-3000:]
+                    )
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.what} did not start in {self.timeout:g} s")
+                try:
+                    if httpx.get(self.health_url, timeout=1).status_code in self.healthy_codes:
+                        return self
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.2)
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()

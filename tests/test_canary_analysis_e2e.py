@@ -27,7 +27,14 @@ import httpx
 import mlflow
 import pytest
 import yaml
-from serving_helpers import REPO, ServerProcess, free_port, serve_module_argv, v2_body
+from serving_helpers import (
+    REPO,
+    BackgroundServer,
+    ServerProcess,
+    free_port,
+    serve_module_argv,
+    v2_body,
+)
 
 from fineserve.components.canary_analysis import analyze_canary
 from fineserve.components.decorator import call_component
@@ -131,24 +138,11 @@ def prometheus(predictors, tmp_path_factory):
         binary, f"--config.file={root / 'prometheus.yml'}", f"--storage.tsdb.path={root / 'data'}",
         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn",
     ]  # fmt: skip
-    with open(root / "prometheus.log", "wb") as log:
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, (root / "prometheus.log").read_text()
-            assert time.monotonic() < deadline, "prometheus did not get ready in 60 s"
-            try:
-                if httpx.get(f"{url}/-/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+    with BackgroundServer(
+        argv, f"{url}/-/ready", log_path=root / "prometheus.log", what="prometheus", timeout=60
+    ):
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
 
 
 class Router:
