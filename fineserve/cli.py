@@ -12,7 +12,11 @@ from fineserve.core.errors import ClusterError, DataError, ParameterError, Regis
 def _compile(args: argparse.Namespace) -> None:
     from fineserve.pipelines.compile import compile_pipeline
 
-    _, kubeflow = _params_file(args.params)
+    from fineserve.pipelines.parameters import parameter_types, validate
+    from fineserve.pipelines.training_pipeline import training_pipeline
+
+    values, kubeflow = _params_file(args.params)
+    validate(values, parameter_types(training_pipeline))  # the file is also submit's: check it
     spec = compile_pipeline(args.output, image=args.image, kubeflow=kubeflow)
     image = next(iter(spec["deploymentSpec"]["executors"].values()))["container"]["image"]
     print(

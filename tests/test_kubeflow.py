@@ -349,3 +349,11 @@ def test_a_params_file_with_an_unknown_key_is_refused_naming_it(kfp, tmp_path, t
     params.write_text(json.dumps({"epohcs": 2, "kubeflow": {"host": kfp.url}}))
     err = _fails(["submit", "--params", str(params)], capsys)
     assert "unknown parameter 'epohcs'" in err and kfp.requests == []
+
+
+def test_compile_checks_the_whole_params_file(tmp_path, capsys):
+    params = tmp_path / "p.yaml"
+    params.write_text(yaml.safe_dump({"epochs": "many", "kubeflow": {"image": "r/fs:1"}}))
+    err = _fails(["compile", "--params", str(params), "-o", str(tmp_path / "t.yaml")], capsys)
+    assert "parameter 'epochs' expects a number, got 'many'" in err
+    assert not (tmp_path / "t.yaml").exists()
