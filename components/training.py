@@ -10,6 +10,7 @@ the tokenizer the data was made with, and `fineserve.json` describing how it was
 
 import json
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -106,13 +107,33 @@ class LengthBucketSampler:
 
 
 def _trainer_class(group_by_length: bool):
-    """The Trainer, with length-bucketed batches when ``group_by_length``."""
+    """The Trainer (class-weighted loss when given weights), length-bucketed if asked."""
     from transformers import Trainer
 
-    if not group_by_length:
-        return Trainer
+    class WeightedLossTrainer(Trainer):
+        def __init__(self, *args, class_weights: list[float] | None = None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.class_weights = class_weights
 
-    class BucketingTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.class_weights is None:
+                return super().compute_loss(
+                    model, inputs, return_outputs, num_items_in_batch=num_items_in_batch
+                )
+            import torch
+
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            weight = torch.tensor(
+                self.class_weights, dtype=outputs.logits.dtype, device=outputs.logits.device
+            )
+            loss = torch.nn.functional.cross_entropy(outputs.logits, labels, weight=weight)
+            return (loss, outputs) if return_outputs else loss
+
+    if not group_by_length:
+        return WeightedLossTrainer
+
+    class BucketingTrainer(WeightedLossTrainer):
         def _get_train_sampler(self, train_dataset=None):
             # the `length` column (written by tokenize) is gone from the column-pruned copy
             data = self.train_dataset
@@ -141,12 +162,70 @@ def _compute_metrics(num_labels: int):
     return compute
 
 
+#: The recipe's most epochs (small data); early stopping usually ends sooner.
+MAX_RECIPE_EPOCHS = 40
+CLASS_WEIGHTINGS = ("balanced", "none")
+
+
+def plan_epochs(
+    train_rows: int, batch_size: int, epochs: float, min_updates: int
+) -> tuple[float, str]:
+    """Epochs to train and why: ``epochs`` when given (> 0), else the recipe's choice.
+
+    The recipe budgets by optimizer updates, not epochs: at least ``min_updates`` (a few
+    hundred rows give a few updates per epoch, far too few to converge), at least one epoch,
+    and at most `MAX_RECIPE_EPOCHS`.
+    """
+    if epochs > 0:
+        return epochs, f"{epochs:g} epochs, as given"
+    per_epoch = math.ceil(train_rows / batch_size)
+    chosen = min(MAX_RECIPE_EPOCHS, max(1.0, math.ceil(10 * min_updates / per_epoch) / 10))
+    return chosen, (
+        f"{chosen:g} epochs ({math.ceil(chosen * per_epoch)} updates of {batch_size} rows; "
+        f"the recipe trains at least {min_updates} updates)"
+    )
+
+
+def recipe_learning_rate(learning_rate: float, hidden_size: int) -> float:
+    """``learning_rate`` when given (> 0); else 1e-4 for small encoders, 5e-5 for base ones.
+
+    Small sentence encoders (MiniLM-L6: 384 wide) want a larger step than BERT-base (768).
+    """
+    if learning_rate > 0:
+        return learning_rate
+    return 1e-4 if hidden_size < 768 else 5e-5
+
+
+def class_weights(labels: list[int], num_classes: int, weighting: str) -> list[float] | None:
+    """Loss weights per class: "balanced" gives each class the same total weight."""
+    if weighting not in CLASS_WEIGHTINGS:
+        raise DataError(f"class_weighting must be one of {CLASS_WEIGHTINGS}, got {weighting!r}")
+    if weighting == "none":
+        return None
+    counts = [0] * num_classes
+    for label in labels:
+        counts[label] += 1
+    present = sum(1 for c in counts if c)
+    return [len(labels) / (present * c) if c else 0.0 for c in counts]
+
+
 def check_hyperparameters(
-    epochs: float, max_steps: int, batch_size: int, eval_batch_size: int
+    epochs: float,
+    max_steps: int,
+    batch_size: int,
+    eval_batch_size: int,
+    min_updates: int = 0,
+    class_weighting: str = "none",
 ) -> None:
     """Refuse settings that cannot train, naming the parameter."""
-    if epochs <= 0 and max_steps <= 0:
-        raise DataError(f"epochs must be positive, got {epochs}")
+    if epochs < 0:
+        raise DataError(f"epochs must be positive (or 0 for the recipe's), got {epochs}")
+    if min_updates < 0:
+        raise DataError(f"min_updates must be 0 or more, got {min_updates}")
+    if class_weighting not in CLASS_WEIGHTINGS:
+        raise DataError(
+            f"class_weighting must be one of {', '.join(CLASS_WEIGHTINGS)}, got {class_weighting!r}"
+        )
     if batch_size < 1 or eval_batch_size < 1:
         raise DataError(f"batch sizes must be at least 1, got {batch_size} and {eval_batch_size}")
 
@@ -190,7 +269,15 @@ def load_base_model(base_model: str, revision: str, label_names: list[str]):
         ) from err
 
 
-def make_trainer(args, model, data, tokenizer, early_stopping_patience: int, group_by_length: bool):
+def make_trainer(
+    args,
+    model,
+    data,
+    tokenizer,
+    early_stopping_patience: int,
+    group_by_length: bool,
+    weights: list[float] | None = None,
+):
     """The Trainer: dynamic padding, macro-F1 model selection, optional early stopping."""
     import torch
     from transformers import DataCollatorWithPadding, EarlyStoppingCallback
@@ -210,6 +297,7 @@ def make_trainer(args, model, data, tokenizer, early_stopping_patience: int, gro
         processing_class=tokenizer,
         compute_metrics=_compute_metrics(data["train"].features[LABEL_COLUMN].num_classes),
         callbacks=callbacks,
+        class_weights=weights,
     )
 
 
@@ -268,8 +356,8 @@ def train(
     metrics: Output[Metrics],
     base_model: str,
     base_model_revision: str = "",
-    epochs: float = 3.0,
-    learning_rate: float = 5e-5,
+    epochs: float = 0.0,
+    learning_rate: float = 0.0,
     batch_size: int = 32,
     eval_batch_size: int = 128,
     weight_decay: float = 0.01,
@@ -280,6 +368,8 @@ def train(
     seed: int = 42,
     checkpoint_dir: str = "",
     group_by_length: bool = True,
+    min_updates: int = 600,
+    class_weighting: str = "balanced",
 ):
     """Fine-tune a sequence-classification model on the tokenized data.
 
@@ -287,14 +377,17 @@ def train(
         tokenized: Input DatasetDict and tokenizer from the tokenize step.
         base_model: Hub id or local directory of the base checkpoint.
         base_model_revision: Hub revision of the base checkpoint; empty for the default branch.
-        epochs: Maximum number of epochs (early stopping may end sooner).
-        learning_rate: Peak AdamW learning rate (linear decay after warm-up).
+        epochs: Epochs to train (early stopping may end sooner); 0 for the recipe's choice:
+            enough epochs for min_updates optimizer updates (1 to 40).
+        learning_rate: Peak AdamW learning rate (linear decay after warm-up); 0 for the
+            recipe's: 1e-4 for encoders narrower than 768 (MiniLM), else 5e-5.
         batch_size: Training batch size per device.
         eval_batch_size: Evaluation batch size per device.
         weight_decay: AdamW weight decay.
         warmup_ratio: Share of the training steps used for linear warm-up.
         max_grad_norm: Clip the gradient norm to this before each step; 0 for no clipping.
-        early_stopping_patience: Epochs without validation macro-F1 gain before stopping; 0 off.
+        early_stopping_patience: Evaluations (one per epoch) without validation macro-F1 gain
+            before stopping; 0 off. With the recipe's epochs, at least a fifth of them.
         max_steps: Stop after this many optimizer steps; -1 for no limit.
         seed: Seed for initialisation, shuffling and dropout.
         checkpoint_dir: Where epoch checkpoints go, in a folder per run's inputs and settings
@@ -302,6 +395,10 @@ def train(
             next to the model output.
         group_by_length: Batch texts of similar length (in random batch order) to spend little
             compute on padding; false for plain shuffled batches.
+        min_updates: Fewest optimizer updates the recipe trains when epochs is 0 (small data
+            gets more epochs).
+        class_weighting: balanced (each class weighs the same in the loss, whatever its
+            count) or none.
 
     Returns:
         model: Output HF directory (safetensors, config with id2label, tokenizer, fineserve.json).
@@ -313,6 +410,7 @@ def train(
         for name, value in arguments.items()
         if name not in ("tokenized", "model", "metrics", "checkpoint_dir")
     }
+    import math
     import os
     from pathlib import Path
 
@@ -326,7 +424,9 @@ def train(
     from fineserve.components import training as step
     from fineserve.core import artifacts
 
-    step.check_hyperparameters(epochs, max_steps, batch_size, eval_batch_size)
+    step.check_hyperparameters(
+        epochs, max_steps, batch_size, eval_batch_size, min_updates, class_weighting
+    )
     data = step.load_tokenized(tokenized.path)
     label_names = data["train"].features[artifacts.LABEL_COLUMN].names
     tokenizer = AutoTokenizer.from_pretrained(artifacts.tokenizer_dir(tokenized.path))
@@ -335,6 +435,24 @@ def train(
     set_seed(seed)
     classifier = step.load_base_model(base_model, base_model_revision, label_names)
     flags = step.precision_flags()
+    given_epochs = epochs
+    epochs, epochs_why = step.plan_epochs(len(data["train"]), batch_size, epochs, min_updates)
+    learning_rate = step.recipe_learning_rate(learning_rate, classifier.config.hidden_size)
+    if given_epochs <= 0 and early_stopping_patience > 0:  # many short epochs: more patience
+        early_stopping_patience = max(early_stopping_patience, math.ceil(epochs / 5))
+    weights = step.class_weights(
+        list(data["train"][artifacts.LABEL_COLUMN]), len(label_names), class_weighting
+    )
+    recipe = {
+        "epochs": epochs,
+        "why": epochs_why,
+        "recipe_chose_epochs": given_epochs <= 0,
+        "learning_rate": learning_rate,
+        "class_weighting": class_weighting,
+        "early_stopping_patience": early_stopping_patience,
+        "min_updates": min_updates,
+    }
+    step.log.info("recipe: %s", recipe)
     run_key = {"data": token_stats, "rows": data.num_rows, "hyperparameters": hyperparameters}
     # a shared volume holds each run's checkpoints in its own folder, named by its inputs: a
     # retried step finds its own, and another run's never clears them
@@ -368,7 +486,7 @@ def train(
         **flags,
     )
     trainer = step.make_trainer(
-        args, classifier, data, tokenizer, early_stopping_patience, group_by_length
+        args, classifier, data, tokenizer, early_stopping_patience, group_by_length, weights
     )
     resume_from = step.resumable_checkpoint(checkpoint_dir, run_key)
     if resume_from:
@@ -398,6 +516,7 @@ def train(
         "resumed_from": os.path.basename(resume_from) if resume_from else None,
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "hyperparameters": hyperparameters,
+        "recipe": recipe,
         "train_metrics": train_metrics,
     }
     artifacts.write_model_info(model.path, info)

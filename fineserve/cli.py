@@ -11,7 +11,6 @@ from fineserve.core.errors import ClusterError, DataError, ParameterError, Regis
 
 def _compile(args: argparse.Namespace) -> None:
     from fineserve.pipelines.compile import compile_pipeline
-
     from fineserve.pipelines.parameters import parameter_types, validate
     from fineserve.pipelines.training_pipeline import training_pipeline
 

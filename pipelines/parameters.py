@@ -26,16 +26,17 @@ LOCAL_RUN_DEFAULTS: dict[str, Any] = {
     "max_train_samples": 6000,
     "max_eval_samples": 1000,
     "max_length": 128,
-    "epochs": 1.0,
-    "learning_rate": 1e-4,
     "gpu_limit": 0,
 }
 #: Parameters describing the shipped corpus; they apply only while `dataset` is not overridden.
+#: One epoch of its 6,000 rows (188 updates) keeps the default local run within 5 minutes on 2
+#: cores; a user's own data gets the recipe's epochs (`min_updates`).
 OFFLINE_DATA_DEFAULTS: dict[str, Any] = {
     "dataset_config": "",
     "encoding": "latin-1",
     "text_column": "text",
     "label_column": "sentiment",
+    "epochs": 1.0,
 }
 
 
@@ -109,8 +110,10 @@ def load_params_file(path: str | Path) -> dict[str, Any]:
 #: Values a parameter may take, checked before anything runs (the steps check them again on
 #: a cluster, where runs do not pass through this command line).
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "epochs": (lambda v: v > 0, "greater than 0"),
-    "learning_rate": (lambda v: v > 0, "greater than 0"),
+    "epochs": (lambda v: v >= 0, "0 (the recipe's choice) or more"),
+    "learning_rate": (lambda v: v >= 0, "0 (the recipe's choice) or more"),
+    "min_updates": (lambda v: v >= 0, "0 or more"),
+    "class_weighting": (lambda v: v in ("balanced", "none"), "balanced or none"),
     "batch_size": (lambda v: v >= 1, "at least 1"),
     "eval_batch_size": (lambda v: v >= 1, "at least 1"),
     "weight_decay": (lambda v: v >= 0, "0 or more"),

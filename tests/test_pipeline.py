@@ -269,7 +269,8 @@ def test_steps_that_share_a_parameter_must_agree_on_it():
     [
         ({"learning_rate": "nan"}, r"'learning_rate' must be a finite number, got nan"),
         ({"epochs": "inf"}, r"'epochs' must be a finite number, got inf"),
-        ({"epochs": "0"}, r"'epochs' must be greater than 0, got 0.0"),
+        ({"epochs": "-1"}, r"'epochs' must be 0 \(the recipe's choice\) or more, got -1.0"),
+        ({"class_weighting": "inverse"}, r"'class_weighting' must be balanced or none"),
         ({"max_length": "4"}, r"'max_length' must be from 8 to 8192 tokens, got 4"),
         ({"test_fraction": "1.5"}, r"'test_fraction' must be between 0 and 1 \(exclusive\)"),
         ({"batch_size": "0"}, r"'batch_size' must be at least 1, got 0"),
@@ -311,6 +312,6 @@ def test_params_shows_the_cluster_and_the_local_default(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert "cluster default" in lines[0] and "run --local default" in lines[0]
     rows = {line.split()[0]: line.split()[2:] for line in lines[1:]}
-    assert rows["epochs"] == ["3.0", "1.0"]
+    assert rows["epochs"] == ["0.0", "1.0"]  # the recipe decides; the shipped corpus: 1 epoch
     assert rows["batch_size"] == ["32", "(same)"]
     assert rows["base_model"][0] == "'distilbert-base-uncased'"

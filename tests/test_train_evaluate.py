@@ -321,3 +321,53 @@ def test_a_base_model_that_is_not_a_model_fails_naming_it(tokenized_dir, tmp_pat
     AutoTokenizer.from_pretrained(tokenized_dir / "tokenizer").save_pretrained(not_a_model)
     with pytest.raises(DataError, match=r"cannot load base_model '.*tokenizer-only' as a seq"):
         train_model(str(tokenized_dir), str(tmp_path / "m"), base_model=str(not_a_model), **FAST)
+
+
+# ------------------------------------------------------------------------------ the recipe
+
+
+def test_the_recipe_budgets_updates_not_epochs():
+    from fineserve.components.training import MAX_RECIPE_EPOCHS, plan_epochs
+
+    # 200 rows: 7 updates an epoch; 600 updates would need 86 epochs: the cap holds
+    assert plan_epochs(200, 32, 0, 600)[0] == MAX_RECIPE_EPOCHS
+    epochs, why = plan_epochs(2000, 32, 0, 600)  # 63 updates an epoch
+    assert epochs == 9.6 and "605 updates of 32 rows" in why
+    assert plan_epochs(100_000, 32, 0, 600)[0] == 1.0  # large data: at least one epoch
+    assert plan_epochs(200, 32, 2.0, 600) == (2.0, "2 epochs, as given")  # a user's epochs
+
+
+def test_balanced_class_weights_give_each_class_the_same_total_weight():
+    from fineserve.components.training import class_weights
+
+    labels = [0] * 90 + [1] * 10
+    weights = class_weights(labels, 3, "balanced")
+    assert weights == pytest.approx([100 / (2 * 90), 100 / (2 * 10), 0.0])
+    assert weights[0] * 90 == pytest.approx(weights[1] * 10)
+    assert class_weights(labels, 3, "none") is None
+    with pytest.raises(DataError, match="class_weighting must be one of"):
+        class_weights(labels, 3, "inverse")
+
+
+def test_the_recipe_learning_rate_follows_the_encoder_width():
+    from fineserve.components.training import recipe_learning_rate
+
+    assert recipe_learning_rate(0.0, 384) == 1e-4  # MiniLM
+    assert recipe_learning_rate(0.0, 768) == 5e-5  # BERT-base
+    assert recipe_learning_rate(3e-5, 384) == 3e-5  # given: kept
+
+
+def test_without_epochs_the_recipe_chooses_them_and_says_so(
+    tokenized_dir, tiny_base_model, tmp_path
+):
+    # 240 rows in batches of 16: 15 updates an epoch; at least 30 updates: 2 epochs
+    train_model(
+        str(tokenized_dir), str(tmp_path / "m"), base_model=str(tiny_base_model),
+        epochs=0.0, min_updates=30, batch_size=16, learning_rate=1e-3,
+    )  # fmt: skip
+    info = json.loads((tmp_path / "m" / MODEL_INFO_FILE).read_text())
+    recipe = info["recipe"]
+    assert recipe["epochs"] == 2.0 and recipe["recipe_chose_epochs"] is True
+    assert "30 updates" in recipe["why"]
+    assert recipe["class_weighting"] == "balanced" and recipe["learning_rate"] == 1e-3
+    assert info["train_metrics"]["epochs_completed"] == 2.0

@@ -91,6 +91,7 @@ class ModelInfo(TypedDict, total=False):
     resumed_from: str | None
     best_checkpoint: str | None
     hyperparameters: dict[str, Any]
+    recipe: dict[str, Any]  # what the recipe chose: epochs (and why), learning rate, weighting
     train_metrics: dict[str, Any]
     model_version: str
 
