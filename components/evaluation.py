@@ -10,7 +10,7 @@ regression trained on the same train split tell whether the transformer earns it
 
 import logging
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from kfp.dsl import (
     Artifact,
@@ -123,6 +123,22 @@ def small_test_split_warnings(label_names: list[str], support: list[int]) -> lis
     ]
 
 
+def missed_class_warnings(
+    label_names: list[str], model: dict[str, Any], baseline: dict[str, Any] | None
+) -> list[str]:
+    """A warning for each class the model never gets right (F1 0) on the test split."""
+    warnings = []
+    for index, (name, f1) in enumerate(zip(label_names, model["f1"], strict=True)):
+        if f1 > 0 or model["support"][index] == 0:
+            continue
+        versus = f" (TF-IDF + LR: {baseline['f1'][index]:.2f})" if baseline else ""
+        warnings.append(
+            f"class {name!r} scored F1 0.00{versus}: the model never predicts it right; train "
+            "more updates (min_updates, epochs), keep class_weighting=balanced, or add rows"
+        )
+    return warnings
+
+
 def predict(model_dir: str, texts: list[str], batch_size: int):
     """Class ids the serving engine predicts: what is scored is what the predictor answers."""
     from fineserve.serving.engine import TextClassifier
@@ -197,6 +213,10 @@ def evaluate(
         result["baseline"] = report_metric.compute(
             predictions=base_pred, references=y_true, num_labels=num_labels
         )
+    missed = step.missed_class_warnings(label_names, result["model"], result["baseline"])
+    for warning in missed:
+        step.log.warning(warning)
+    result["warnings"] += missed
     artifacts.write_evaluation_results(results.path, result)
     step.write_report(report.path, result)
     for name, value in artifacts.summary_metrics(result).items():

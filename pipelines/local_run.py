@@ -40,6 +40,7 @@ class LocalRun:
     train_info: dict[str, Any]
     seconds: float
     warnings: list[str]  # why the test scores may mean little (evaluate's results)
+    baseline_f1: list[float] = field(default_factory=list)  # TF-IDF's per class, if any
     reports: dict[str, Path] = field(default_factory=dict)  # deploy, analyze-canary: if run
 
     def summary(self, arguments: dict[str, Any]) -> str:
@@ -57,6 +58,13 @@ class LocalRun:
             lines.append(
                 f"  TF-IDF + logistic regression baseline: accuracy {m['baseline_accuracy']:.4f}"
                 f"  macro-F1 {m['baseline_macro_f1']:.4f}"
+            )
+        lines.append("  per-class F1 (TF-IDF): " + self.per_class_f1())
+        recipe = self.train_info.get("recipe") or {}
+        if recipe.get("recipe_chose_epochs"):
+            lines.append(
+                f"  recipe: {recipe['why']}, learning rate {recipe['learning_rate']:g}, "
+                f"class weighting {recipe['class_weighting']}"
             )
         lines += [
             f"  train {train['train_rows']} rows, {train['epochs_completed']} epochs, "
@@ -79,6 +87,15 @@ class LocalRun:
             f"  serve it: fineserve serve --model-uri models:/{name}@{CHALLENGER}",
         ]
         return "\n".join(lines)
+
+    def per_class_f1(self) -> str:
+        """Each class's test F1, with the baseline's in brackets when there is one."""
+        names = self.train_info["labels"]
+        return ", ".join(
+            f"{name} {self.metrics[f'f1_{name}']:.2f}"
+            + (f" ({self.baseline_f1[i]:.2f})" if self.baseline_f1 else "")
+            for i, name in enumerate(names)
+        )
 
     def deploy_line(self, arguments: dict[str, Any]) -> str:
         """What the deploy step did (its report's verdict), or why it did not run."""
@@ -162,6 +179,7 @@ def run_local(
         train_info=train_info,
         seconds=seconds,
         warnings=results.get("warnings", []),
+        baseline_f1=list((results.get("baseline") or {}).get("f1", [])),
         reports=reports,
     )
 

@@ -371,3 +371,15 @@ def test_without_epochs_the_recipe_chooses_them_and_says_so(
     assert "30 updates" in recipe["why"]
     assert recipe["class_weighting"] == "balanced" and recipe["learning_rate"] == 1e-3
     assert info["train_metrics"]["epochs_completed"] == 2.0
+
+
+def test_a_class_the_model_never_gets_right_is_warned_about_next_to_the_baseline():
+    from fineserve.components.evaluation import missed_class_warnings
+
+    model = {"f1": [0.8, 0.0, 0.5], "support": [10, 5, 7]}
+    (warning,) = missed_class_warnings(["a", "b", "c"], model, {"f1": [0.7, 0.45, 0.4]})
+    assert "class 'b' scored F1 0.00 (TF-IDF + LR: 0.45)" in warning
+    assert "min_updates" in warning
+    # a class absent from the test split is not "missed"
+    absent = {"f1": [0.8, 0.0, 0.5], "support": [10, 0, 7]}
+    assert missed_class_warnings(["a", "b", "c"], absent, None) == []
