@@ -235,9 +235,15 @@ def test_evaluate_reports_model_and_baseline(trained_dir, raw_dir, tmp_path):
     report = (tmp_path / "r.md").read_text()
     assert "TF-IDF + logistic regression" in report and "| **neutral** |" in report
     # 30 test rows: said loudly, in the results and the report
-    (warning,) = result["warnings"]
+    warning, *missed = result["warnings"]
     assert "the test split has only 30 rows" in warning and "max_eval_samples" in warning
     assert f"> **Warning:** {warning}" in report
+    # the tiny model misses classes: each one is named, next to the baseline's F1
+    model_f1 = result["model"]["f1"]
+    assert len(missed) == sum(1 for f1 in model_f1 if f1 == 0)
+    assert all(
+        "scored F1 0.00 (TF-IDF + LR: " in w and f"> **Warning:** {w}" in report for w in missed
+    )
     assert sum(map(sum, result["model"]["confusion_matrix"])) == result["test_rows"] == 30
     scalars = summary_metrics(result)
     assert scalars["macro_f1_ci_low"] <= scalars["macro_f1"] <= scalars["macro_f1_ci_high"]
