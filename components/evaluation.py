@@ -52,6 +52,14 @@ def write_report(path: str, result: EvaluationResults) -> None:
     Path(path).write_text(markdown_report(result))
 
 
+def recipe_line(recipe: dict[str, Any]) -> str:
+    """What the train step's recipe chose, in a line."""
+    return (
+        f"{recipe['why']}; learning rate {recipe['learning_rate']:g}; class weighting "
+        f"{recipe['class_weighting']}; early-stopping patience {recipe['early_stopping_patience']}"
+    )
+
+
 def markdown_report(result: EvaluationResults) -> str:
     """The evaluation as a Markdown report (rendered in the Kubeflow UI, logged to MLflow)."""
     names = result["label_names"]
@@ -63,6 +71,11 @@ def markdown_report(result: EvaluationResults) -> str:
         "percentile bootstrap, 95%.",
         "",
         *(f"> **Warning:** {warning}\n" for warning in result.get("warnings", [])),
+        *(
+            [f"Training recipe: {recipe_line(result['recipe'])}.", ""]
+            if result.get("recipe")
+            else []
+        ),
         "| model | accuracy | macro-F1 |",
         "| --- | --- | --- |",
         f"| fine-tuned transformer | {model['accuracy']:.4f} "
@@ -217,6 +230,9 @@ def evaluate(
     for warning in missed:
         step.log.warning(warning)
     result["warnings"] += missed
+    recipe = artifacts.read_model_info(model.path).get("recipe")
+    if recipe:
+        result["recipe"] = recipe
     artifacts.write_evaluation_results(results.path, result)
     step.write_report(report.path, result)
     for name, value in artifacts.summary_metrics(result).items():

@@ -61,6 +61,8 @@ def flat_params(info: ModelInfo) -> dict[str, Any]:
         "precision": info["precision"],
         "device": info["device"],
         **info["hyperparameters"],
+        # what the recipe chose (epochs and learning rate 0 in the hyperparameters mean "its")
+        **{f"recipe_{k}": v for k, v in (info.get("recipe") or {}).items()},
     }
 
 

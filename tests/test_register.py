@@ -41,7 +41,8 @@ def model_dir(tiny_classifier, tmp_path):
         "device": "cpu",
         "precision": "fp32",
         "dataset": {"source": "corpus.csv", "fingerprint": "f" * 64, "rows": {"train": 240}},
-        "hyperparameters": {"epochs": 1.0, "learning_rate": 1e-3, "seed": 42},
+        "hyperparameters": {"epochs": 0.0, "learning_rate": 1e-3, "seed": 42},
+        "recipe": {"epochs": 12.5, "class_weighting": "balanced", "recipe_chose_epochs": True},
         "train_metrics": {"train_samples_per_second": 321.5, "train_loss": 1.01},
     }
     (target / MODEL_INFO_FILE).write_text(json.dumps(info))
@@ -84,6 +85,9 @@ def test_registers_a_version_with_alias_tags_metrics_and_report(model_dir, evalu
     assert run.data.metrics["train_samples_per_second"] == 321.5
     assert run.data.params["learning_rate"] == "0.001"
     assert run.data.params["dataset_fingerprint"] == "f" * 64
+    # what the recipe chose, beside what was asked (epochs 0: the recipe's)
+    assert run.data.params["epochs"] == "0.0" and run.data.params["recipe_epochs"] == "12.5"
+    assert run.data.params["recipe_class_weighting"] == "balanced"
     logged = {f.path for f in client.list_artifacts(out["run_id"], "evaluation")}
     assert logged == {
         "evaluation/report.md",

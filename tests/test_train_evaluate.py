@@ -364,7 +364,7 @@ def test_the_recipe_learning_rate_follows_the_encoder_width():
 
 
 def test_without_epochs_the_recipe_chooses_them_and_says_so(
-    tokenized_dir, tiny_base_model, tmp_path
+    raw_dir, tokenized_dir, tiny_base_model, tmp_path
 ):
     # 240 rows in batches of 16: 15 updates an epoch; at least 30 updates: 2 epochs
     train_model(
@@ -377,6 +377,16 @@ def test_without_epochs_the_recipe_chooses_them_and_says_so(
     assert "30 updates" in recipe["why"]
     assert recipe["class_weighting"] == "balanced" and recipe["learning_rate"] == 1e-3
     assert info["train_metrics"]["epochs_completed"] == 2.0
+    # ... and the evaluation report (Kubeflow UI, MLflow) says what it chose
+    results = evaluate_model(
+        str(raw_dir), str(tmp_path / "m"), results_path=str(tmp_path / "r.json"),
+        report_path=str(tmp_path / "report.md"), n_bootstrap=10,
+    )  # fmt: skip
+    assert results["recipe"]["epochs"] == 2.0
+    report = (tmp_path / "report.md").read_text()
+    assert (
+        "Training recipe: 2 epochs (30 updates of 16 rows; the recipe trains at least 30" in report
+    )
 
 
 def test_a_class_the_model_never_gets_right_is_warned_about_next_to_the_baseline():

@@ -114,6 +114,7 @@ class EvaluationResults(_EvaluationNumbers, total=False):
 
     warnings: list[str]
     predictions: list[int]
+    recipe: dict[str, Any]  # what the train step's recipe chose (its fineserve.json)
 
 
 def _write_json(path: Path, data: Any) -> None:
