@@ -3,7 +3,9 @@
 Logged with `mlflow.pyfunc.log_model(python_model=<this file>, artifacts={"hf_model": dir})`,
 so `mlflow.pyfunc.load_model("models:/NAME@challenger").predict(["some text"])` works with only
 MLflow and transformers installed. KServe loads `artifacts/hf_model` directly instead.
-This file is loaded on its own, without fineserve, so it imports nothing from it.
+This file is loaded on its own, without fineserve, so it needs nothing from it, except for a
+model with fineserve's mean-pooling head (all-MiniLM and other sentence-embedding bases),
+whose class fineserve registers with transformers when it is installed.
 """
 
 import mlflow
@@ -16,8 +18,13 @@ class TransformersPyfunc(PythonModel):
 
     def load_context(self, context) -> None:
         """Build a transformers text-classification pipeline over the `hf_model` artifact."""
+        import contextlib
+
         from transformers import pipeline
 
+        # the mean-pooling head's class, registered with transformers' Auto classes
+        with contextlib.suppress(ImportError):
+            import fineserve.serving.pooling  # noqa: F401
         self._classify = pipeline("text-classification", model=context.artifacts["hf_model"])
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:

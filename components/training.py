@@ -251,11 +251,30 @@ def clean_up(model_dir: str, checkpoint_dir: str) -> None:
     shutil.rmtree(checkpoint_dir)
 
 
-def load_base_model(base_model: str, revision: str, label_names: list[str]):
-    """The base checkpoint with a fresh classification head for ``label_names``."""
+def head_for(base_model: str, revision: str, pooling: str) -> str:
+    """The head the recipe puts on ``base_model``: "mean" pooling or the "model"'s own.
+
+    `auto` picks mean pooling for sentence-embedding checkpoints (trained for it), the model's
+    own head ([CLS] and pooler) otherwise.
+    """
+    from fineserve.serving.pooling import POOLINGS, mean_pooled_checkpoint
+
+    if pooling not in POOLINGS:
+        raise DataError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    if pooling != "auto":
+        return pooling
+    return "mean" if mean_pooled_checkpoint(base_model, revision) else "model"
+
+
+def load_base_model(base_model: str, revision: str, label_names: list[str], head: str = "model"):
+    """The base checkpoint with a fresh classification ``head`` for ``label_names``."""
     from transformers import AutoModelForSequenceClassification
 
+    from fineserve.serving.pooling import MeanPoolingClassifier
+
     try:
+        if head == "mean":
+            return MeanPoolingClassifier.from_encoder(base_model, label_names, revision or None)
         return AutoModelForSequenceClassification.from_pretrained(
             base_model,
             revision=revision or None,
@@ -370,6 +389,7 @@ def train(
     group_by_length: bool = True,
     min_updates: int = 600,
     class_weighting: str = "balanced",
+    pooling: str = "auto",
 ):
     """Fine-tune a sequence-classification model on the tokenized data.
 
@@ -399,6 +419,8 @@ def train(
             gets more epochs).
         class_weighting: balanced (each class weighs the same in the loss, whatever its
             count) or none.
+        pooling: The classification head: auto (mean pooling for sentence-embedding
+            checkpoints such as all-MiniLM, the model's own head otherwise), mean or model.
 
     Returns:
         model: Output HF directory (safetensors, config with id2label, tokenizer, fineserve.json).
@@ -433,7 +455,8 @@ def train(
     token_stats = artifacts.read_token_stats(tokenized.path)
 
     set_seed(seed)
-    classifier = step.load_base_model(base_model, base_model_revision, label_names)
+    head = step.head_for(base_model, base_model_revision, pooling)
+    classifier = step.load_base_model(base_model, base_model_revision, label_names, head)
     flags = step.precision_flags()
     given_epochs = epochs
     epochs, epochs_why = step.plan_epochs(len(data["train"]), batch_size, epochs, min_updates)
@@ -449,6 +472,7 @@ def train(
         "recipe_chose_epochs": given_epochs <= 0,
         "learning_rate": learning_rate,
         "class_weighting": class_weighting,
+        "pooling": head,
         "early_stopping_patience": early_stopping_patience,
         "min_updates": min_updates,
     }

@@ -14,6 +14,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from fineserve.core.artifacts import ModelInfo, read_model_info
 from fineserve.core.errors import DataError
+from fineserve.serving import pooling  # noqa: F401  (registers the mean-pooling head with the Auto classes)
 from fineserve.serving.unpad import UnpaddedLinears
 
 logger = logging.getLogger(__name__)

@@ -93,6 +93,26 @@ def small_corpus_csv(tmp_path_factory, corpus_frame) -> Path:
 
 
 @pytest.fixture(scope="session")
+def raw_dir(small_corpus_csv, tmp_path_factory) -> Path:
+    """The download step's DatasetDict of the small corpus (seed 0)."""
+    from steps import download_dataset
+
+    out = tmp_path_factory.mktemp("raw") / "data"
+    download_dataset(str(small_corpus_csv), str(out), seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenized_dir(raw_dir, tiny_base_model, tmp_path_factory) -> Path:
+    """The tokenize step's output for `raw_dir` with the tiny base model (max_length 32)."""
+    from steps import tokenize_dataset
+
+    out = tmp_path_factory.mktemp("tok") / "data"
+    tokenize_dataset(str(raw_dir), str(out), base_model=str(tiny_base_model), max_length=32)
+    return out
+
+
+@pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1 (SQLite store, proxied artifacts): its URL."""
     import sys

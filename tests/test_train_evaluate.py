@@ -27,20 +27,6 @@ FAST = {"epochs": 2.0, "learning_rate": 1e-3, "batch_size": 16}
 
 
 @pytest.fixture(scope="module")
-def raw_dir(small_corpus_csv, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("raw") / "data"
-    download_dataset(str(small_corpus_csv), str(out), seed=0)
-    return out
-
-
-@pytest.fixture(scope="module")
-def tokenized_dir(raw_dir, tiny_base_model, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tok") / "data"
-    tokenize_dataset(str(raw_dir), str(out), base_model=str(tiny_base_model), max_length=32)
-    return out
-
-
-@pytest.fixture(scope="module")
 def trained_dir(tokenized_dir, tiny_base_model, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("model") / "model"
     train_model(str(tokenized_dir), str(out), base_model=str(tiny_base_model), **FAST)
