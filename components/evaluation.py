@@ -106,6 +106,8 @@ def load_test_split(dataset_dir: str, model_dir: str):
     import datasets
     from transformers import AutoConfig
 
+    from fineserve.serving import pooling  # noqa: F401  (the mean-pooling head's config type)
+
     test = datasets.load_from_disk(dataset_dir)["test"]
     label_names = test.features[LABEL_COLUMN].names
     model_labels = AutoConfig.from_pretrained(model_dir).id2label

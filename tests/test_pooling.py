@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -52,8 +54,8 @@ def test_the_mean_of_the_real_tokens_decides_so_padding_changes_nothing(sentence
     assert torch.allclose(one, two, atol=1e-5)
 
 
-def test_a_trained_mean_pooling_model_is_saved_loaded_and_served(
-    tokenized_dir, sentence_encoder, tmp_path
+def test_a_trained_mean_pooling_model_is_saved_loaded_evaluated_and_served(
+    raw_dir, tokenized_dir, sentence_encoder, tmp_path
 ):
     train_model(
         str(tokenized_dir), str(tmp_path / "m"), base_model=str(sentence_encoder),
@@ -72,3 +74,12 @@ def test_a_trained_mean_pooling_model_is_saved_loaded_and_served(
         direct = loaded(**tokenizer(texts, padding=True, return_tensors="pt")).logits.softmax(-1)
     np.testing.assert_allclose(served, direct.numpy(), atol=1e-5)
     assert engine.unpadded is not None  # skipping padding kept: the outputs agree
+    # the evaluate step reads its labels and scores it (in a fresh process, as in a pipeline)
+    script = (
+        "import sys; sys.path.insert(0, 'tests'); from steps import evaluate_model; "
+        f"r = evaluate_model({str(raw_dir)!r}, {str(tmp_path / 'm')!r}, "
+        f"results_path={str(tmp_path / 'r.json')!r}, report_path={str(tmp_path / 'r.md')!r}, "
+        "n_bootstrap=10); print(r['recipe']['pooling'])"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip().endswith("mean"), run.stderr[-2000:]
