@@ -44,27 +44,27 @@ def _user_values(args: argparse.Namespace) -> dict:
 
 def _kubeflow_target(args: argparse.Namespace):
     """The checked run parameters, the kubeflow settings with the flags applied, a connection."""
+    from fineserve.pipelines.parameters import parameter_types, parse_assignments, validate
+    from fineserve.pipelines.training_pipeline import training_pipeline
+
+    values, kubeflow = _params_file(args.params)
+    values.update(parse_assignments(args.param))
+    params = validate(values, parameter_types(training_pipeline))  # names a bad key
+    kubeflow, connection = _connect(args, kubeflow)
+    return params, kubeflow, connection
+
+
+def _connect(args: argparse.Namespace, kubeflow):
+    """The kubeflow settings with the command's flags applied, and a checked connection."""
     import dataclasses
 
     from fineserve.pipelines import kfp_api
-    from fineserve.pipelines.parameters import parameter_types, validate
-    from fineserve.pipelines.training_pipeline import training_pipeline
 
-    values = _user_values(args)
-    params = validate(values, parameter_types(training_pipeline))  # names a bad key
-    _, kubeflow = _params_file(args.params)
-    overrides = {
-        key: value
-        for key, value in (
-            ("host", args.host), ("namespace", args.namespace),
-            ("experiment", args.experiment), ("image", args.image),
-        )
-        if value
-    }  # fmt: skip
+    flags = ("host", "namespace", "experiment", "image")
+    overrides = {name: getattr(args, name) for name in flags if getattr(args, name, "")}
     kubeflow = dataclasses.replace(kubeflow, **overrides)
     token = kfp_api.read_token(args.token_file)
-    connection = kfp_api.connect(kubeflow.host, kubeflow.namespace, token)
-    return params, kubeflow, connection
+    return kubeflow, kfp_api.connect(kubeflow.host, kubeflow.namespace, token)
 
 
 def _compiled_package(kubeflow, workdir: str) -> str:
@@ -105,14 +105,7 @@ def _schedule(args: argparse.Namespace) -> None:
     if args.action == "create":
         _schedule_create(args)
         return
-    _, kubeflow = _params_file(args.params)
-    import dataclasses
-
-    overrides = {k: v for k, v in (("host", args.host), ("namespace", args.namespace)) if v}
-    kubeflow = dataclasses.replace(kubeflow, **overrides)
-    connection = kfp_api.connect(
-        kubeflow.host, kubeflow.namespace, kfp_api.read_token(args.token_file)
-    )
+    _, connection = _connect(args, _params_file(args.params)[1])
     if args.action == "list":
         runs = kfp_api.recurring_runs(connection)
         if not runs:
