@@ -54,9 +54,12 @@ def write_report(path: str, result: EvaluationResults) -> None:
 
 def recipe_line(recipe: dict[str, Any]) -> str:
     """What the train step's recipe chose, in a line."""
+    every = recipe.get("validate_every")  # absent in models from before it existed
+    validation = f"; validation every {every} updates" if every else ""
     return (
         f"{recipe['why']}; learning rate {recipe['learning_rate']:g}; class weighting "
         f"{recipe['class_weighting']}; early-stopping patience {recipe['early_stopping_patience']}"
+        + validation
     )
 
 

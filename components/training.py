@@ -186,6 +186,32 @@ def plan_epochs(
     )
 
 
+#: On long epochs the recipe validates (and checkpoints) at least every this many updates.
+RECIPE_VALIDATE_EVERY = 200
+
+
+def plan_validation(train_rows: int, batch_size: int, validate_every: int) -> int:
+    """Updates between validations: ``validate_every`` when given (> 0), else the recipe's.
+
+    The recipe validates at each epoch's end, and every `RECIPE_VALIDATE_EVERY` updates when
+    an epoch is longer, so early stopping and the best checkpoint see large data too.
+    """
+    if validate_every > 0:
+        return validate_every
+    return min(math.ceil(train_rows / batch_size), RECIPE_VALIDATE_EVERY)
+
+
+def recipe_patience(patience: int, updates: int, validate_every: int) -> int:
+    """Early-stopping patience when the recipe chose the epochs.
+
+    At least a fifth of the validations the run will make: many short epochs on small data
+    would otherwise stop on noise.
+    """
+    if patience <= 0:
+        return patience
+    return max(patience, math.ceil(math.ceil(updates / validate_every) / 5))
+
+
 def recipe_learning_rate(learning_rate: float, hidden_size: int) -> float:
     """``learning_rate`` when given (> 0); else 1e-4 for small encoders, 5e-5 for base ones.
 
@@ -216,8 +242,11 @@ def check_hyperparameters(
     eval_batch_size: int,
     min_updates: int = 0,
     class_weighting: str = "none",
+    validate_every: int = 0,
 ) -> None:
     """Refuse settings that cannot train, naming the parameter."""
+    if validate_every < 0:
+        raise DataError(f"validate_every must be 0 (the recipe's) or more, got {validate_every}")
     if epochs < 0:
         raise DataError(f"epochs must be positive (or 0 for the recipe's), got {epochs}")
     if min_updates < 0:
@@ -390,6 +419,7 @@ def train(
     min_updates: int = 600,
     class_weighting: str = "balanced",
     pooling: str = "auto",
+    validate_every: int = 0,
 ):
     """Fine-tune a sequence-classification model on the tokenized data.
 
@@ -406,8 +436,8 @@ def train(
         weight_decay: AdamW weight decay.
         warmup_ratio: Share of the training steps used for linear warm-up.
         max_grad_norm: Clip the gradient norm to this before each step; 0 for no clipping.
-        early_stopping_patience: Evaluations (one per epoch) without validation macro-F1 gain
-            before stopping; 0 off. With the recipe's epochs, at least a fifth of them.
+        early_stopping_patience: Validations without validation macro-F1 gain before
+            stopping; 0 off. With the recipe's epochs, at least a fifth of the validations.
         max_steps: Stop after this many optimizer steps; -1 for no limit.
         seed: Seed for initialisation, shuffling and dropout.
         checkpoint_dir: Where epoch checkpoints go, in a folder per run's inputs and settings
@@ -421,6 +451,8 @@ def train(
             count) or none.
         pooling: The classification head: auto (mean pooling for sentence-embedding
             checkpoints such as all-MiniLM, the model's own head otherwise), mean or model.
+        validate_every: Optimizer updates between validations (each one a checkpoint); 0 for
+            the recipe's: every epoch, and every 200 updates when an epoch is longer.
 
     Returns:
         model: Output HF directory (safetensors, config with id2label, tokenizer, fineserve.json).
@@ -447,8 +479,9 @@ def train(
     from fineserve.core import artifacts
 
     step.check_hyperparameters(
-        epochs, max_steps, batch_size, eval_batch_size, min_updates, class_weighting
-    )
+        epochs, max_steps, batch_size, eval_batch_size, min_updates, class_weighting,
+        validate_every,
+    )  # fmt: skip
     data = step.load_tokenized(tokenized.path)
     label_names = data["train"].features[artifacts.LABEL_COLUMN].names
     tokenizer = AutoTokenizer.from_pretrained(artifacts.tokenizer_dir(tokenized.path))
@@ -461,8 +494,14 @@ def train(
     given_epochs = epochs
     epochs, epochs_why = step.plan_epochs(len(data["train"]), batch_size, epochs, min_updates)
     learning_rate = step.recipe_learning_rate(learning_rate, classifier.config.hidden_size)
-    if given_epochs <= 0 and early_stopping_patience > 0:  # many short epochs: more patience
-        early_stopping_patience = max(early_stopping_patience, math.ceil(epochs / 5))
+    validate_every = step.plan_validation(len(data["train"]), batch_size, validate_every)
+    updates = math.ceil(epochs * math.ceil(len(data["train"]) / batch_size))
+    if max_steps > 0:
+        updates = min(updates, max_steps)
+    if given_epochs <= 0:
+        early_stopping_patience = step.recipe_patience(
+            early_stopping_patience, updates, validate_every
+        )
     weights = step.class_weights(
         list(data["train"][artifacts.LABEL_COLUMN]), len(label_names), class_weighting
     )
@@ -473,6 +512,7 @@ def train(
         "learning_rate": learning_rate,
         "class_weighting": class_weighting,
         "pooling": head,
+        "validate_every": validate_every,
         "early_stopping_patience": early_stopping_patience,
         "min_updates": min_updates,
     }
@@ -495,15 +535,18 @@ def train(
         weight_decay=weight_decay,
         warmup_steps=warmup_ratio,
         max_grad_norm=max_grad_norm,
-        eval_strategy="epoch",
-        save_strategy="epoch",
+        eval_strategy="steps",
+        eval_steps=validate_every,
+        save_strategy="steps",
+        save_steps=validate_every,
         save_total_limit=2,
         load_best_model_at_end=True,
         metric_for_best_model="macro_f1",
         greater_is_better=True,
         seed=seed,
         data_seed=seed,
-        logging_strategy="epoch",
+        logging_strategy="steps",
+        logging_steps=validate_every,
         report_to="none",
         disable_tqdm=True,
         dataloader_pin_memory=torch.cuda.is_available(),
@@ -526,6 +569,7 @@ def train(
         "train_loss": round(result.training_loss, 5),
         "epochs_completed": round(trainer.state.epoch or 0.0, 3),
         "best_validation_macro_f1": round(best, 5) if best is not None else None,
+        "validations": sum("eval_macro_f1" in entry for entry in trainer.state.log_history),
         "train_rows": len(data["train"]),
         "validation_rows": len(data["validation"]),
     }

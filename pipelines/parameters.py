@@ -113,6 +113,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "epochs": (lambda v: v >= 0, "0 (the recipe's choice) or more"),
     "learning_rate": (lambda v: v >= 0, "0 (the recipe's choice) or more"),
     "min_updates": (lambda v: v >= 0, "0 or more"),
+    "validate_every": (lambda v: v >= 0, "0 (the recipe's choice) or more"),
     "class_weighting": (lambda v: v in ("balanced", "none"), "balanced or none"),
     "batch_size": (lambda v: v >= 1, "at least 1"),
     "eval_batch_size": (lambda v: v >= 1, "at least 1"),

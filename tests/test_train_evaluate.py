@@ -329,6 +329,39 @@ def test_the_recipe_budgets_updates_not_epochs():
     assert plan_epochs(200, 32, 2.0, 600) == (2.0, "2 epochs, as given")  # a user's epochs
 
 
+def test_the_recipe_validates_each_epoch_and_at_least_every_200_updates():
+    from fineserve.components.training import plan_validation, recipe_patience
+
+    assert plan_validation(240, 16, 0) == 15  # small data: each epoch's end
+    assert plan_validation(100_000, 32, 0) == 200  # a 3,125-update epoch: every 200 updates
+    assert plan_validation(100_000, 32, 50) == 50  # given: kept
+    # patience: at least a fifth of the validations the run will make
+    assert recipe_patience(2, updates=600, validate_every=15) == 8  # 40 validations
+    assert recipe_patience(2, updates=60, validate_every=15) == 2  # 4 validations
+    assert recipe_patience(0, updates=600, validate_every=15) == 0  # off stays off
+
+
+def test_validate_every_validates_and_checkpoints_within_an_epoch(
+    tokenized_dir, tiny_base_model, tmp_path
+):
+    # 240 rows in batches of 16: one epoch is 15 updates; validations at 4, 8, 12 and 15
+    metadata = train_model(
+        str(tokenized_dir), str(tmp_path / "m"), base_model=str(tiny_base_model),
+        epochs=1.0, learning_rate=1e-3, batch_size=16, validate_every=4,
+        early_stopping_patience=0,
+    )  # fmt: skip
+    assert metadata["validations"] == 4
+    info = json.loads((tmp_path / "m" / MODEL_INFO_FILE).read_text())
+    assert info["recipe"]["validate_every"] == 4
+    best_step = int(info["best_checkpoint"].rsplit("-", 1)[1])
+    assert best_step in (4, 8, 12, 15)
+    with pytest.raises(DataError, match="validate_every must be 0"):
+        train_model(
+            str(tokenized_dir), str(tmp_path / "bad"), base_model=str(tiny_base_model),
+            validate_every=-1,
+        )  # fmt: skip
+
+
 def test_balanced_class_weights_give_each_class_the_same_total_weight():
     from fineserve.components.training import class_weights
 
@@ -363,6 +396,8 @@ def test_without_epochs_the_recipe_chooses_them_and_says_so(
     assert "30 updates" in recipe["why"]
     assert recipe["class_weighting"] == "balanced" and recipe["learning_rate"] == 1e-3
     assert info["train_metrics"]["epochs_completed"] == 2.0
+    assert recipe["validate_every"] == 15 and info["train_metrics"]["validations"] == 2
+    assert recipe["validate_every"] == 15 and info["train_metrics"]["validations"] == 2
     # ... and the evaluation report (Kubeflow UI, MLflow) says what it chose
     results = evaluate_model(
         str(raw_dir), str(tmp_path / "m"), results_path=str(tmp_path / "r.json"),
@@ -373,6 +408,7 @@ def test_without_epochs_the_recipe_chooses_them_and_says_so(
     assert (
         "Training recipe: 2 epochs (30 updates of 16 rows; the recipe trains at least 30" in report
     )
+    assert "validation every 15 updates" in report
 
 
 def test_a_class_the_model_never_gets_right_is_warned_about_next_to_the_baseline():
