@@ -60,7 +60,11 @@ class MeanPoolingClassifier(PreTrainedModel):
     def __init__(self, config: MeanPoolingConfig) -> None:
         super().__init__(config)
         encoder_config = AutoConfig.for_model(**config.encoder)
-        self.encoder = _without_pooler(AutoModel.from_config, encoder_config)
+        # the dtype being loaded (from_pretrained(dtype=...) sets the default while building),
+        # not the one saved in the encoder's config: a bfloat16 load must not keep it float32
+        self.encoder = _without_pooler(
+            AutoModel.from_config, encoder_config, dtype=torch.get_default_dtype()
+        )
         self.dropout = nn.Dropout(config.classifier_dropout)
         self.classifier = nn.Linear(encoder_config.hidden_size, config.num_labels)
         self.post_init()

@@ -74,6 +74,9 @@ def test_a_trained_mean_pooling_model_is_saved_loaded_evaluated_and_served(
         direct = loaded(**tokenizer(texts, padding=True, return_tensors="pt")).logits.softmax(-1)
     np.testing.assert_allclose(served, direct.numpy(), atol=1e-5)
     assert engine.unpadded is not None  # skipping padding kept: the outputs agree
+    # loaded in bfloat16, the encoder is bfloat16 too (not the float32 its saved config names)
+    half = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
     # the evaluate step reads its labels and scores it (in a fresh process, as in a pipeline)
     script = (
         "import sys; sys.path.insert(0, 'tests'); from steps import evaluate_model; "
