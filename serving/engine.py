@@ -12,20 +12,21 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from fineserve.core.artifacts import ModelInfo, read_model_info
+from fineserve.core.artifacts import ModelInfo, read_model_info, read_probe_texts
 from fineserve.core.errors import DataError
 from fineserve.serving import pooling  # noqa: F401  (registers the mean-pooling head with the Auto classes)
+from fineserve.serving import precision as precisions
+from fineserve.serving.precision import ProbeResult, ProbeSettings
 from fineserve.serving.unpad import UnpaddedLinears
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: Tokenizers without a limit report this sentinel (int(1e30)) as model_max_length.
 _NO_LIMIT = 10**9
 #: --unpad: auto skips padding rows in Linear layers when a load-time check agrees.
 UNPAD_MODES = ("auto", "off")
-#: How far skipping padding may move a probability before it is turned off, per dtype.
-_UNPAD_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
+#: How far skipping padding may move a probability before it is turned off, per precision.
+_UNPAD_TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-3, "int8": 1e-2}
 
 
 #: Padded tokens per forward pass when not configured: CPU throughput peaks around 512
@@ -48,17 +49,6 @@ def pick_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but torch sees no CUDA device")
     return torch.device(device)
-
-
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """`auto` means bf16 on a GPU that supports it, else float32."""
-    if dtype == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose auto or one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
 
 
 def default_batch_tokens(device: torch.device) -> int:
@@ -159,6 +149,7 @@ class TextClassifier:
         threads: int = 0,
         unpad: str = "auto",
         model_version: str | None = None,
+        probe: ProbeSettings | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
         if not (self.model_dir / "config.json").is_file():
@@ -166,18 +157,14 @@ class TextClassifier:
         self.device = pick_device(device)
         if threads and self.device.type == "cpu":
             torch.set_num_threads(threads)  # process-wide: intra-op threads of every pass
-        self.dtype = pick_dtype(dtype, self.device)
+        target, self.precision_reason = precisions.choose(dtype, self.device)
+        self.requested_precision = dtype
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens or default_batch_tokens(self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            self.model_dir,
-            use_safetensors=True,
-            trust_remote_code=False,
-            local_files_only=True,
-            dtype=self.dtype,
-        )
-        self.model.to(self.device).eval()
+        self.precision = "float32"
+        self.probe: ProbeResult | None = None
+        self.model = self._load("float32")
         id2label = {int(k): str(v) for k, v in (self.model.config.id2label or {}).items()}
         if sorted(id2label) != list(range(self.model.config.num_labels)):
             raise ModelDirError(f"{self.model_dir}/config.json id2label does not cover every class")
@@ -190,8 +177,57 @@ class TextClassifier:
         if unpad not in UNPAD_MODES:
             raise ValueError(f"unknown unpad mode {unpad!r}; choose one of {UNPAD_MODES}")
         self.unpadded: UnpaddedLinears | None = None
+        if target != "float32":
+            self._reduce_precision(target, dtype == "auto", probe or ProbeSettings())
         if unpad == "auto":
             self._skip_padding_if_outputs_agree()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The torch dtype of the weights (int8 layers take and give float32)."""
+        return precisions.LOAD_DTYPES[self.precision]
+
+    def _load(self, precision: str) -> torch.nn.Module:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            self.model_dir,
+            use_safetensors=True,
+            trust_remote_code=False,
+            local_files_only=True,
+            dtype=precisions.LOAD_DTYPES[precision],
+        )
+        model = model.to(self.device).eval()
+        return precisions.reduce(model, precision) if precision == "int8" else model
+
+    def _reduce_precision(self, target: str, auto: bool, probe: ProbeSettings) -> None:
+        """Serve ``target`` if it passes the probe against float32 (see `precision`)."""
+        texts = (read_probe_texts(self.model_dir) or [])[: probe.texts]
+        if not texts:
+            why = "probe off" if not probe.texts else f"{self.model_dir} has no probe texts"
+            if auto:  # auto never takes a precision it cannot check
+                self.precision_reason = f"{self.precision_reason}, but {why}: float32"
+                logger.warning("%s: serving float32 (%s)", self.model_dir, self.precision_reason)
+                return
+            self.model = precisions.reduce(self.model, target)
+            self.precision = target
+            self.precision_reason = f"{self.precision_reason}, unchecked ({why})"
+            if probe.texts:
+                logger.warning("%s: serving %s unchecked: %s", self.model_dir, target, why)
+            return
+        reference = self.predict_proba(texts)
+        self.model = precisions.reduce(self.model, target)
+        self.precision = target
+        self.probe = precisions.compare(reference, self.predict_proba(texts), probe)
+        if self.probe.passed:
+            self.precision_reason = f"{self.precision_reason}; probe: {self.probe.describe()}"
+            return
+        self.precision_reason = (
+            f"{self.precision_reason}, but the probe failed ({self.probe.describe()}; limits "
+            f"{probe.min_agreement:.2%} and {probe.max_probability_diff:g}): float32"
+        )
+        logger.warning("%s: serving float32 instead of %s: %s", self.model_dir, target,
+                       self.precision_reason)  # fmt: skip
+        self.model = self._load("float32")
+        self.precision = "float32"
 
     def _skip_padding_if_outputs_agree(self) -> None:
         """Skip padding in Linear layers unless that changes a probe batch's probabilities."""
@@ -202,7 +238,7 @@ class TextClassifier:
         plain = self._forward(probe)
         self.unpadded = UnpaddedLinears(self.model)
         drift = float(np.abs(self._forward(probe) - plain).max())
-        if drift <= _UNPAD_TOLERANCE[self.dtype]:
+        if drift <= _UNPAD_TOLERANCE[self.precision]:
             return
         self.unpadded.remove()
         self.unpadded = None

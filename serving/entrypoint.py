@@ -7,6 +7,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from fineserve.serving.engine import UNPAD_MODES
+from fineserve.serving.precision import PRECISIONS
 from fineserve.serving.predictor import ServeOptions
 
 _DEFAULTS = ServeOptions()
@@ -26,9 +27,24 @@ _KNOBS: list[tuple[str, type, str]] = [
     ),
     ("max_texts_per_request", int, "Most texts in one request; more is a 400."),
     ("max_request_bytes", int, "Largest request body; larger is a 413."),
+    (
+        "probe_texts",
+        int,
+        "Texts of the model's own test split (stored with it at registration) a reduced "
+        "precision is checked on against float32 at load; 0: no check.",
+    ),
+    (
+        "probe_min_agreement",
+        float,
+        "Least share of probe texts whose class a reduced precision must keep, else float32.",
+    ),
+    (
+        "probe_max_probability_diff",
+        float,
+        "Most a reduced precision may move any probability on the probe texts, else float32.",
+    ),
 ]
 _DEVICES = ("auto", "cpu", "cuda")
-_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def _add_knobs(parser: argparse.ArgumentParser, sep: str) -> None:
@@ -41,7 +57,12 @@ def _add_knobs(parser: argparse.ArgumentParser, sep: str) -> None:
         "--device", choices=_DEVICES, default="auto", help="auto: CUDA when present, else CPU."
     )
     group.add_argument(
-        "--dtype", choices=_DTYPES, default="auto", help="auto: bfloat16 on a GPU, else float32."
+        "--dtype",
+        choices=PRECISIONS,
+        default="auto",
+        help="auto: bfloat16 where the hardware runs it natively (CUDA, or a CPU with AMX or "
+        "AVX-512 BF16) and the probe passes, else float32. int8: dynamic quantization of the "
+        "Linear layers (CPU). Any reduced precision falls back to float32 if the probe fails.",
     )
     group.add_argument(
         f"--enable{sep}model{sep}repository",

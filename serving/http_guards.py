@@ -165,7 +165,8 @@ def install_http_guards(
 class GuardedDataPlane(DataPlane):
     """KServe's DataPlane, with v2 bodies it cannot decode reported as a 400 naming the problem.
 
-    Ready means a model can answer: KServe's says ready with no model loaded at all.
+    Ready means a model can answer: KServe's says ready with no model loaded at all. Model
+    metadata carries what the model's `metadata()` adds (its version, its precision).
     """
 
     async def ready(self) -> bool:
@@ -177,6 +178,12 @@ class GuardedDataPlane(DataPlane):
             if not await self._model_registry.is_model_ready(name):
                 return False
         return await super().ready()
+
+    async def model_metadata(self, model_name: str) -> dict:
+        """KServe's v2 metadata, plus what the model adds (fineserve: version and precision)."""
+        metadata = await super().model_metadata(model_name)
+        extra = getattr(self.get_model_from_registry(model_name), "metadata", None)
+        return {**metadata, **extra()} if callable(extra) else metadata
 
     def decode_inference_request(
         self, body: bytes | InferenceRequest, headers: dict, model_name: str

@@ -15,6 +15,7 @@ from fineserve.serving import protocol
 from fineserve.serving.batcher import DynamicBatcher
 from fineserve.serving.engine import UNPAD_MODES, TextClassifier, pick_device, plan_workers
 from fineserve.serving.memory import IdleMemoryTrimmer
+from fineserve.serving.precision import PRECISIONS, ProbeSettings
 from fineserve.serving.prometheus_metrics import ModelMetrics
 
 
@@ -29,7 +30,10 @@ class ServeOptions:
     max_texts_per_request: int = 64
     max_request_bytes: int = 1 << 20
     device: str = "auto"
-    dtype: str = "auto"
+    dtype: str = "auto"  # auto: bfloat16 where native and the probe passes, else float32
+    probe_texts: int = 256  # probe texts a reduced precision is checked on; 0: no probe
+    probe_min_agreement: float = 0.99  # least share of probe texts keeping their class
+    probe_max_probability_diff: float = 0.1  # most a probability may move on the probe
     unpad: str = "auto"  # auto: Linear layers skip padding rows if a load-time check agrees
     enable_model_repository: bool = False  # allow load/unload over HTTP and gRPC
 
@@ -46,6 +50,16 @@ class ServeOptions:
             raise ValueError(f"unpad must be one of {UNPAD_MODES}, not {self.unpad!r}")
         if self.max_request_bytes < 1024:
             raise ValueError("max_request_bytes must be at least 1024")
+        if self.dtype not in PRECISIONS:
+            raise ValueError(f"dtype must be one of {PRECISIONS}, not {self.dtype!r}")
+        self.probe  # noqa: B018  (validates the probe settings)
+
+    @property
+    def probe(self) -> ProbeSettings:
+        """The accuracy probe's settings."""
+        return ProbeSettings(
+            self.probe_texts, self.probe_min_agreement, self.probe_max_probability_diff
+        )
 
 
 class TextClassifierModel(Model):
@@ -80,6 +94,7 @@ class TextClassifierModel(Model):
             threads=threads,
             unpad=opts.unpad,
             model_version=self.model_version,
+            probe=opts.probe,
         )
         self.classifier.predict_proba(["warm-up"])
         gc.collect()
@@ -89,6 +104,8 @@ class TextClassifierModel(Model):
             self.classifier.model_version,
             str(self.classifier.device),
             self.classifier.labels,
+            precision=self.classifier.precision,
+            probe=self.classifier.probe,
         )
         self.batcher = DynamicBatcher(
             self.classifier,
@@ -98,14 +115,16 @@ class TextClassifierModel(Model):
             observer=self.metrics.observe_batch,
         )
         logger.info(
-            "loaded %s (version %s, %d labels, max_length %d) on %s/%s; batches of up to %d "
-            "texts (%d padded tokens), %d forward worker(s) x %d thread(s), padding rows %s",
+            "loaded %s (version %s, %d labels, max_length %d) on %s in %s (%s); batches of "
+            "up to %d texts (%d padded tokens), %d forward worker(s) x %d thread(s), padding "
+            "rows %s",
             self.model_dir,
             self.classifier.model_version,
             self.classifier.num_labels,
             self.classifier.max_length,
             self.classifier.device,
-            self.classifier.dtype,
+            self.classifier.precision,
+            self.classifier.precision_reason,
             opts.max_batch_size,
             self.classifier.max_batch_tokens,
             workers,
@@ -120,6 +139,13 @@ class TextClassifierModel(Model):
         raise protocol.NotServed(
             f"model {self.name!r} has no explainer: use :predict (v1) or /infer (v2)"
         )
+
+    def metadata(self) -> dict[str, object]:
+        """What the v2 model metadata adds: the version, and the precision as the platform."""
+        return {
+            "versions": [self.classifier.model_version],
+            "platform": f"pytorch_{self.classifier.precision}",
+        }
 
     def get_input_types(self) -> list[dict]:
         """The v2 model metadata of the inputs."""

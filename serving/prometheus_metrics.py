@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
@@ -12,6 +13,9 @@ from prometheus_client import Counter, Gauge, Histogram
 from starlette.types import Message, Receive, Scope, Send
 
 from fineserve.serving.http_guards import HTTPMiddleware
+
+if TYPE_CHECKING:
+    from fineserve.serving.precision import ProbeResult
 
 LABELS = ("model_name", "model_version")
 
@@ -28,7 +32,19 @@ QUEUE_SECONDS = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
 TEXTS = Counter("fineserve_texts", "Texts classified", LABELS)
-MODEL_INFO = Gauge("fineserve_model_info", "The served model (always 1)", (*LABELS, "device"))
+MODEL_INFO = Gauge(
+    "fineserve_model_info", "The served model (always 1)", (*LABELS, "device", "precision")
+)
+PROBE_AGREEMENT = Gauge(
+    "fineserve_precision_probe_agreement",
+    "Share of probe texts whose class the served reduced precision kept (vs float32), at load",
+    LABELS,
+)
+PROBE_MAX_DIFF = Gauge(
+    "fineserve_precision_probe_max_probability_diff",
+    "Largest probability change of the reduced precision on the probe texts, at load",
+    LABELS,
+)
 PREDICTIONS = Counter(
     "fineserve_predictions", "Texts answered, by the label predicted for them", (*LABELS, "label")
 )
@@ -46,7 +62,13 @@ class ModelMetrics:
     """The metric children of one served model, labelled with its name and version."""
 
     def __init__(
-        self, model_name: str, model_version: str, device: str, labels: list[str] | None = None
+        self,
+        model_name: str,
+        model_version: str,
+        device: str,
+        labels: list[str] | None = None,
+        precision: str = "float32",
+        probe: ProbeResult | None = None,
     ) -> None:
         names = {"model_name": model_name, "model_version": model_version}
         self._batch_size = BATCH_SIZE.labels(**names)
@@ -54,7 +76,10 @@ class ModelMetrics:
         self.texts = TEXTS.labels(**names)
         self._predictions = [PREDICTIONS.labels(**names, label=label) for label in labels or []]
         self._top_probability = TOP_PROBABILITY.labels(**names)
-        MODEL_INFO.labels(**names, device=device).set(1)
+        MODEL_INFO.labels(**names, device=device, precision=precision).set(1)
+        if probe is not None:
+            PROBE_AGREEMENT.labels(**names).set(probe.agreement)
+            PROBE_MAX_DIFF.labels(**names).set(probe.max_probability_diff)
         _VERSIONS[model_name] = model_version
 
     def observe_predictions(self, probabilities: np.ndarray) -> None:

@@ -67,12 +67,15 @@ def serve(
     model_version: str | None = None,
     **server_kwargs: Any,
 ) -> None:
-    """Load the model, then serve it until SIGTERM/SIGINT (``server_kwargs`` go to ModelServer)."""
-    model = TextClassifierModel(model_name, model_dir, options, model_version)
-    model.load()
+    """Load the model, then serve it until SIGTERM/SIGINT (``server_kwargs`` go to ModelServer).
+
+    The server is made first: it configures KServe's logging, which the load then logs to.
+    """
     server = FineserveModelServer(
         max_request_bytes=options.max_request_bytes,
         enable_model_repository=options.enable_model_repository,
         **server_kwargs,
     )
+    model = TextClassifierModel(model_name, model_dir, options, model_version)
+    model.load()
     server.start([model])

@@ -13,17 +13,27 @@ load-time check against the plain forward pass guards models where that does not
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
-from torch.nn import functional as F
+
+
+@functools.cache
+def _linear_types() -> tuple[type[nn.Module], ...]:
+    """Layers patched: torch's Linear, and its int8 dynamically quantized form."""
+    try:
+        from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+    except ImportError:
+        return (nn.Linear,)
+    return (nn.Linear, DynamicInt8Linear)
 
 
 class UnpaddedLinears:
-    """Patches every ``nn.Linear`` of ``model`` to skip padding rows inside `tokens`.
+    """Patches every Linear layer of ``model`` to skip padding rows inside `tokens`.
 
     Thread-safe: each thread's forward pass uses its own mask. Outside `tokens`, and for any
     input that is not a [batch, length, features] tensor of the current batch's shape (a
@@ -32,7 +42,7 @@ class UnpaddedLinears:
 
     def __init__(self, model: nn.Module) -> None:
         self._local = threading.local()
-        self.linears = [m for m in model.modules() if type(m) is nn.Linear]
+        self.linears = [m for m in model.modules() if type(m) in _linear_types()]
         for linear in self.linears:
             linear.forward = self._forward_of(linear)
 
@@ -54,16 +64,17 @@ class UnpaddedLinears:
         finally:
             self._local.rows = None
 
-    def _forward_of(self, linear: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _forward_of(self, linear: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         local = self._local
+        own = functools.partial(type(linear).forward, linear)  # plain or int8 (dynamic)
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             rows = getattr(local, "rows", None)
             if rows is None or x.dim() != 3 or tuple(x.shape[:2]) != rows[0]:
-                return F.linear(x, linear.weight, linear.bias)
+                return own(x)
             (batch, length), index = rows
             rows_in = x.reshape(batch * length, -1).index_select(0, index)
-            real = F.linear(rows_in, linear.weight, linear.bias)
+            real = own(rows_in)
             out = real.new_zeros(batch * length, real.shape[-1])
             return out.index_copy_(0, index, real).view(batch, length, -1)
 

@@ -18,6 +18,7 @@ from fineserve.core.artifacts import MODEL_INFO_FILE
 from fineserve.core.errors import DataError
 from fineserve.serving.engine import TextClassifier
 from fineserve.serving.pooling import MeanPoolingClassifier
+from fineserve.serving.precision import ProbeSettings
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +78,8 @@ def test_a_trained_mean_pooling_model_is_saved_loaded_evaluated_and_served(
     # loaded in bfloat16, the encoder is bfloat16 too (not the float32 its saved config names)
     half = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    engine = TextClassifier(tmp_path / "m", device="cpu", dtype="bfloat16", probe=ProbeSettings(0))
+    np.testing.assert_allclose(engine.predict_proba(texts), served, atol=0.05)
     # the evaluate step reads its labels and scores it (in a fresh process, as in a pipeline)
     script = (
         "import sys; sys.path.insert(0, 'tests'); from steps import evaluate_model; "

@@ -125,7 +125,10 @@ def test_fineserve_serve_model_uri(registered_model, tiny_classifier, tmp_path, 
         outputs = {o["name"]: o for o in response.json()["outputs"]}
         assert response.json()["model_version"] == "1"  # the version @champion points at
         metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
-        info = f'fineserve_model_info{{device="cpu",model_name="{NAME}",model_version="1"}} 1.0'
+        info = (
+            f'fineserve_model_info{{device="cpu",model_name="{NAME}",model_version="1",'
+            'precision="float32"} 1.0'
+        )
         assert info in metrics
     expected = TextClassifier(tiny_classifier, device="cpu").predict_proba(["a fine day"])[0]
     assert outputs["probabilities"]["data"] == pytest.approx(expected.tolist(), abs=1e-5)

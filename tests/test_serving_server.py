@@ -95,7 +95,8 @@ def test_health_and_readiness(http):
 
 def test_metadata_lists_the_real_inputs_and_outputs(http):
     meta = http.get(f"/v2/models/{MODEL}").json()
-    assert meta["name"] == MODEL
+    assert meta["name"] == MODEL and meta["versions"] == [VERSION]
+    assert meta["platform"] == "pytorch_float32"  # no probe texts stored: float32
     assert meta["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
     assert meta["outputs"] == [
         {"name": "label", "datatype": "BYTES", "shape": [-1]},

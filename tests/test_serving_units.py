@@ -343,7 +343,7 @@ def test_classifier_runs_padded_passes_when_unpadding_changes_outputs(
 ):
     from fineserve.serving import engine
 
-    monkeypatch.setitem(engine._UNPAD_TOLERANCE, torch.float32, -1.0)  # any drift is too much
+    monkeypatch.setitem(engine._UNPAD_TOLERANCE, "float32", -1.0)  # any drift is too much
     classifier = TextClassifier(tiny_classifier, device="cpu")
     assert classifier.unpadded is None
     assert "running padded passes" in caplog.text

@@ -38,6 +38,8 @@ MODEL_INFO_FILE = "fineserve.json"
 # --- MLflow ----------------------------------------------------------------------------------
 #: The pyfunc artifact of a registered version that holds the HF directory (a KServe storageUri).
 HF_MODEL_ARTIFACT = "hf_model"
+#: In a registered model directory: texts of its own test split, the serving precision probe.
+PROBE_FILE = "fineserve-probe.json"
 TAG_PIPELINE_RUN_ID = "fineserve.pipeline_run_id"
 TAG_MLFLOW_RUN_ID = "fineserve.mlflow_run_id"
 TAG_DATASET_FINGERPRINT = "fineserve.dataset_fingerprint"
@@ -115,6 +117,8 @@ class EvaluationResults(_EvaluationNumbers, total=False):
     warnings: list[str]
     predictions: list[int]
     recipe: dict[str, Any]  # what the train step's recipe chose (its fineserve.json)
+    precisions: dict[str, dict[str, float]]  # reduced precisions scored against float32
+    probe_texts: list[str]  # test texts stored with the registered model (`PROBE_FILE`)
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -172,6 +176,22 @@ def read_model_info(model_dir: str | Path, *, missing_ok: bool = False) -> Model
     return _read_json(path, "a fineserve model directory")
 
 
+def write_probe(model_dir: str | Path, texts: list[str], source: str) -> None:
+    """Store the texts a server probes reduced precisions with in a model directory."""
+    _write_json(Path(model_dir, PROBE_FILE), {"source": source, "texts": texts})
+
+
+def read_probe_texts(model_dir: str | Path) -> list[str] | None:
+    """A model directory's probe texts; None when it has none."""
+    path = Path(model_dir, PROBE_FILE)
+    if not path.is_file():
+        return None
+    texts = _read_json(path, "a model directory").get("texts")
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise DataError(f"{path}: 'texts' must be a list of strings")
+    return texts
+
+
 def write_evaluation_results(path: str | Path, results: EvaluationResults) -> None:
     """Write the evaluate step's results JSON."""
     _write_json(Path(path), results)
@@ -195,6 +215,9 @@ def summary_metrics(results: EvaluationResults) -> dict[str, float]:
     }
     for name, f1 in zip(results["label_names"], model["f1"], strict=True):
         scalars[f"f1_{name}"] = f1
+    for name, scores in results.get("precisions", {}).items():
+        scalars[f"{name}_macro_f1"] = scores["macro_f1"]
+        scalars[f"{name}_agreement"] = scores["agreement"]
     if results["baseline"] is not None:
         scalars["baseline_accuracy"] = results["baseline"]["accuracy"]
         scalars["baseline_macro_f1"] = results["baseline"]["macro_f1"]
