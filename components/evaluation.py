@@ -89,6 +89,16 @@ def markdown_report(result: EvaluationResults) -> str:
         lines.append(
             f"| TF-IDF + logistic regression | {base['accuracy']:.4f} | {base['macro_f1']:.4f} |"
         )
+    if result.get("precisions"):
+        lines += ["", "## Serving precisions (against float32, same test split)", ""]
+        lines += ["| precision | macro-F1 | change | classes kept | largest probability move |"]
+        lines.append("| --- | --- | --- | --- | --- |")
+        for name, scores in result["precisions"].items():
+            lines.append(
+                f"| {name} | {scores['macro_f1']:.4f} | "
+                f"{scores['macro_f1'] - model['macro_f1']:+.4f} | {scores['agreement']:.2%} | "
+                f"{scores['max_probability_diff']:.3g} |"
+            )
     lines += ["", "## Per class", "", "| class | precision | recall | F1 | support |"]
     lines.append("| --- | --- | --- | --- | --- |")
     for i, name in enumerate(names):
@@ -157,12 +167,82 @@ def missed_class_warnings(
     return warnings
 
 
-def predict(model_dir: str, texts: list[str], batch_size: int):
-    """Class ids the serving engine predicts: what is scored is what the predictor answers."""
+def predict_proba(model_dir: str, texts: list[str], batch_size: int, precision: str = "float32"):
+    """Probabilities the serving engine answers in ``precision`` (no probe: scored in full)."""
     from fineserve.serving.engine import TextClassifier
+    from fineserve.serving.precision import ProbeSettings
 
-    classifier = TextClassifier(model_dir, max_batch_size=batch_size)
-    return classifier.predict_proba(texts).argmax(axis=-1)
+    classifier = TextClassifier(
+        model_dir,
+        device="cpu" if precision == "int8" else "auto",
+        dtype=precision,
+        max_batch_size=batch_size,
+        probe=ProbeSettings(texts=0),
+    )
+    return classifier.predict_proba(texts)
+
+
+#: Reduced precisions the evaluate step can score against float32.
+REDUCED_PRECISIONS = ("bfloat16", "float16", "int8")
+
+
+def precisions_to_score(precisions: str) -> list[str]:
+    """The reduced precisions named by the ``serving_precisions`` parameter.
+
+    auto: int8, and bfloat16 where this machine runs it natively (what `--dtype auto` serves);
+    none: no other precision; else a comma-separated list.
+    """
+    import torch
+
+    from fineserve.serving.precision import native_bf16
+
+    if precisions == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return ["bfloat16", "int8"] if native_bf16(device) else ["int8"]
+    if precisions in ("none", ""):
+        return []
+    names = [name.strip() for name in precisions.split(",")]
+    unknown = [name for name in names if name not in REDUCED_PRECISIONS]
+    if unknown:
+        raise DataError(
+            f"serving_precisions: unknown {unknown}; use auto, none or some of {REDUCED_PRECISIONS}"
+        )
+    return names
+
+
+def score_precision(reference, candidate, y_true, num_labels: int) -> dict[str, float]:
+    """A reduced precision's test scores and how far it moved from float32's answers."""
+    from fineserve.components.classification_metrics import ClassificationReport
+
+    y_pred = candidate.argmax(axis=-1)
+    scores = ClassificationReport().compute(
+        predictions=y_pred, references=y_true, num_labels=num_labels
+    )
+    return {
+        "accuracy": scores["accuracy"],
+        "macro_f1": scores["macro_f1"],
+        "agreement": float((y_pred == reference.argmax(axis=-1)).mean()),
+        "max_probability_diff": float(abs(candidate - reference).max()),
+    }
+
+
+#: Test texts stored with a registered model for the predictor's precision probe.
+PROBE_TEXTS = 256
+
+
+def probe_texts(texts: list[str], labels, seed: int, limit: int = PROBE_TEXTS) -> list[str]:
+    """Up to ``limit`` test texts, taking each class in turn (a seeded order within each)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    queues = [list(rng.permutation(np.flatnonzero(labels == c))) for c in np.unique(labels)]
+    chosen: list[int] = []
+    while len(chosen) < limit and any(queues):
+        for queue in queues:
+            if queue and len(chosen) < limit:
+                chosen.append(int(queue.pop()))
+    return [texts[i] for i in chosen]
 
 
 @component
@@ -177,6 +257,7 @@ def evaluate(
     baseline: bool = True,
     batch_size: int = 64,
     seed: int = 42,
+    serving_precisions: str = "auto",
 ) -> NamedTuple("EvaluateOutputs", [("accuracy", float), ("macro_f1", float)]):
     """Evaluate the fine-tuned model on the test split.
 
@@ -187,7 +268,10 @@ def evaluate(
         n_bootstrap: Bootstrap resamples for the confidence intervals.
         baseline: Also fit and score TF-IDF + logistic regression on the same splits.
         batch_size: Inference batch size.
-        seed: Seed for the bootstrap and the baseline.
+        seed: Seed for the bootstrap, the baseline and the probe texts.
+        serving_precisions: Reduced serving precisions also scored, each against float32 (macro-F1,
+            class agreement): auto (int8, and bfloat16 where this machine runs it
+            natively), none, or a comma-separated list of bfloat16, float16, int8.
 
     Returns:
         metrics: Output scalar metrics (accuracy, macro-F1, their 95% CIs, per-class F1,
@@ -206,9 +290,11 @@ def evaluate(
     from fineserve.components.classification_metrics import ClassificationReport, bootstrap_ci
     from fineserve.core import artifacts
 
+    reduced = step.precisions_to_score(serving_precisions)
     test, label_names = step.load_test_split(dataset.path, model.path)
     texts, y_true = list(test[artifacts.TEXT_COLUMN]), np.asarray(test[artifacts.LABEL_COLUMN])
-    y_pred = step.predict(model.path, texts, batch_size)
+    probabilities = step.predict_proba(model.path, texts, batch_size)
+    y_pred = probabilities.argmax(axis=-1)
     report_metric, num_labels = ClassificationReport(), len(label_names)
     result: artifacts.EvaluationResults = {
         "label_names": label_names,
@@ -222,6 +308,16 @@ def evaluate(
         ),
         "baseline": None,
         "predictions": [int(p) for p in y_pred],
+        "precisions": {
+            name: step.score_precision(
+                probabilities,
+                step.predict_proba(model.path, texts, batch_size, name),
+                y_true,
+                num_labels,
+            )
+            for name in reduced
+        },
+        "probe_texts": step.probe_texts(texts, y_true, seed),
     }
     result["warnings"] = step.small_test_split_warnings(label_names, result["model"]["support"])
     for warning in result["warnings"]:

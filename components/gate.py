@@ -141,7 +141,9 @@ def compare_with_champion(
             ),
         }
     texts = list(test[artifacts.TEXT_COLUMN])
-    champion_predictions = TextClassifier(model_dir).predict_proba(texts).argmax(axis=-1)
+    # float32, as the evaluate step scored the challenger: the comparison is of the models
+    champion = TextClassifier(model_dir, dtype="float32")
+    champion_predictions = champion.predict_proba(texts).argmax(axis=-1)
     y_true = np.asarray(test[artifacts.LABEL_COLUMN])
     diff, low, high = paired_bootstrap_macro_f1(
         y_true,

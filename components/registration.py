@@ -16,7 +16,7 @@ from kfp import dsl
 from kfp.dsl import Artifact, Input, Markdown, Model
 
 from fineserve.components.decorator import component
-from fineserve.core.artifacts import HF_MODEL_ARTIFACT, TAG_PIPELINE_RUN_ID, ModelInfo
+from fineserve.core.artifacts import HF_MODEL_ARTIFACT, TAG_PIPELINE_RUN_ID, ModelInfo, write_probe
 from fineserve.core.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -119,8 +119,12 @@ def log_evaluation(results: dict[str, Any], report_path: str, train_metrics: dic
     mlflow.log_figure(figure, "evaluation/confusion_matrix.png")
 
 
-def log_model_version(model_dir: str, model_name: str) -> str:
-    """Log ``model_dir`` as a pyfunc model in the active run, registered; return the version."""
+def log_model_version(model_dir: str, model_name: str, probe_texts: list[str]) -> str:
+    """Log ``model_dir`` as a pyfunc model in the active run, registered; return the version.
+
+    ``probe_texts`` (test texts) go into the registered HF directory: the predictor checks a
+    reduced precision against float32 on them at load.
+    """
     import mlflow
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
@@ -133,6 +137,8 @@ def log_model_version(model_dir: str, model_name: str) -> str:
         # MLflow stores an artifact folder under its own name: stage it as `hf_model`
         hf_model = Path(staging, HF_MODEL_ARTIFACT)
         shutil.copytree(model_dir, hf_model, copy_function=_link_or_copy)
+        if probe_texts:
+            write_probe(hf_model, probe_texts, "test split of the evaluate step")
         model_info = mlflow.pyfunc.log_model(
             name="model",
             python_model=PYFUNC_CODE,
@@ -212,7 +218,8 @@ def register(
             version = str(versions[0].version)
             step.log.info("run %s already registered %s version %s", run_id, model_name, version)
         else:
-            version = step.log_model_version(model.path, model_name)
+            probe = evaluation.get("probe_texts", [])
+            version = step.log_model_version(model.path, model_name, probe)
     for key, value in {**tags, artifacts.TAG_MLFLOW_RUN_ID: run_id}.items():
         client.set_model_version_tag(model_name, version, key, value)
     storage_uri = registry.model_dir_uri(client, model_name, version)

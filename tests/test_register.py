@@ -8,7 +8,7 @@ import pytest
 from steps import register_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from fineserve.core.artifacts import MODEL_INFO_FILE
+from fineserve.core.artifacts import MODEL_INFO_FILE, PROBE_FILE, read_probe_texts
 from fineserve.core.errors import DataError, RegistryError
 
 RESULTS = {
@@ -94,6 +94,21 @@ def test_registers_a_version_with_alias_tags_metrics_and_report(model_dir, evalu
         "evaluation/results.json",
         "evaluation/confusion_matrix.png",
     }
+
+
+def test_the_registered_directory_carries_the_probe_texts_and_precision_costs_are_logged(
+    model_dir, tmp_path
+):
+    int8 = {"accuracy": 0.5, "macro_f1": 0.53, "agreement": 0.97, "max_probability_diff": 0.2}
+    results = {**RESULTS, "probe_texts": ["a fine day", "awful"], "precisions": {"int8": int8}}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    (tmp_path / "report.md").write_text("# fineserve evaluation\n")
+    out = _register(model_dir, (str(tmp_path / "results.json"), str(tmp_path / "report.md")),
+                    tmp_path)  # fmt: skip
+    assert read_probe_texts(out["storage_uri"]) == ["a fine day", "awful"]
+    assert not (model_dir / PROBE_FILE).exists()  # the train step's output is left as it was
+    metrics = mlflow.MlflowClient(out["tracking_uri"]).get_run(out["run_id"]).data.metrics
+    assert (metrics["int8_macro_f1"], metrics["int8_agreement"]) == (0.53, 0.97)
 
 
 def test_storage_uri_is_a_directly_loadable_hf_directory(model_dir, evaluation, tmp_path):

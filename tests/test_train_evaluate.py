@@ -114,8 +114,20 @@ def test_train_learns_a_learnable_task(tiny_base_model, tmp_path):
         results_path=str(tmp_path / "r.json"),
         report_path=str(tmp_path / "r.md"),
         n_bootstrap=100,
+        serving_precisions="int8,bfloat16",
     )
     assert result["model"]["accuracy"] > 0.9
+    # the serving precisions are scored on the same test rows, against float32's answers
+    for name in ("int8", "bfloat16"):
+        scores = result["precisions"][name]
+        assert scores["agreement"] >= 0.95 and scores["max_probability_diff"] < 0.5
+        assert abs(scores["macro_f1"] - result["model"]["macro_f1"]) < 0.05
+    assert "| int8 | " in (tmp_path / "r.md").read_text()
+    assert {"int8_macro_f1", "int8_agreement"} <= summary_metrics(result).keys()
+    # the probe texts the registered model will carry: test texts, both classes in turn
+    probe = result["probe_texts"]
+    assert len(probe) == min(256, result["test_rows"]) and len(set(probe)) == len(probe)
+    assert {"awful" in text for text in probe[:2]} == {True, False}
 
 
 def test_a_killed_train_step_resumes_and_ends_as_an_uninterrupted_run(
@@ -235,6 +247,16 @@ def test_evaluate_reports_model_and_baseline(trained_dir, raw_dir, tmp_path):
     assert scalars["macro_f1_ci_low"] <= scalars["macro_f1"] <= scalars["macro_f1_ci_high"]
     assert {"baseline_accuracy", "baseline_macro_f1", "f1_neutral"} <= scalars.keys()
     assert json.loads((tmp_path / "r.json").read_text()) == json.loads(json.dumps(result))
+    # auto scores int8 everywhere (bfloat16 only where this machine runs it natively)
+    assert "int8" in result["precisions"] and "## Serving precisions" in report
+
+
+def test_evaluate_refuses_an_unknown_precision(trained_dir, raw_dir, tmp_path):
+    with pytest.raises(DataError, match=r"serving_precisions: unknown \['int4'\]"):
+        evaluate_model(
+            str(raw_dir), str(trained_dir), results_path=str(tmp_path / "r.json"),
+            report_path=str(tmp_path / "r.md"), serving_precisions="int8,int4",
+        )  # fmt: skip
 
 
 def test_evaluate_refuses_a_model_with_other_labels(trained_dir, tmp_path):
