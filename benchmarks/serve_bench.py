@@ -12,6 +12,10 @@
     # ... and the cost of the per-prediction metrics (label counts, top-probability histogram)
     python benchmarks/serve_bench.py compare --prediction-metrics-off
 
+    # serving precisions: auto (the default) against float32, bfloat16 and int8 by name, and
+    # the floor in each; use a trained model that carries its probe texts (a registered one)
+    python benchmarks/serve_bench.py compare --precisions --model-dir DIR
+
 Traffic goes to loopback only (unless --allow-remote) and every run is bounded in time and count.
 """
 
@@ -40,6 +44,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 LABELS = ["negative", "neutral", "positive"]
 NO_PREDICTION_METRICS = "prediction metrics off"
+#: The precisions `compare --precisions` serves by name, beside the default (auto).
+PRECISIONS = ("float32", "bfloat16", "int8")
 
 
 # --- inputs -----------------------------------------------------------------------------------
@@ -178,13 +184,27 @@ async def run_load(
 # --- the floor: bare tokenize + forward in this process -------------------------------------
 
 
-def run_floor(model_dir: Path, texts: list[str], batch_size: int, duration: float = 10.0) -> float:
-    """Samples/s of tokenize + forward in batches of ``batch_size`` (no server, no batcher)."""
+def run_floor(
+    model_dir: Path,
+    texts: list[str],
+    batch_size: int,
+    duration: float = 10.0,
+    precision: str = "float32",
+) -> float:
+    """Samples/s of tokenize + forward in batches of ``batch_size`` (no server, no batcher).
+
+    The weights are in ``precision``: float32, bfloat16, float16 or int8.
+    """
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from fineserve.serving import pooling  # noqa: F401  (mean-pooling models load)
+    from fineserve.serving.precision import reduce
+
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    if precision != "float32":
+        model = reduce(model, precision)
 
     def step(i: int) -> int:
         batch = [texts[(i + k) % len(texts)] for k in range(batch_size)]
@@ -327,6 +347,18 @@ class Server:
                 self.proc.kill()
 
 
+def served_precision(server: Server) -> str:
+    """The precision a running server chose (its v2 metadata platform)."""
+    import httpx
+
+    platform = httpx.get(f"{server.url}/v2/models/{server.name}", timeout=10).json()["platform"]
+    return platform.removeprefix("pytorch_")
+
+
+def _floor_label(precision: str, batch_size: int, by_precision: bool) -> str:
+    return f"floor {precision} batch {batch_size}" if by_precision else f"floor batch {batch_size}"
+
+
 # --- reporting --------------------------------------------------------------------------------
 
 
@@ -359,6 +391,10 @@ def compare(args: argparse.Namespace) -> dict:
         # one request per forward pass, one pass at a time: KServe's HF runtime, off the loop
         "batching off": [*common, "--max_batch_size", "1", "--forward_workers", "1"],
     }
+    if args.precisions:  # each precision by name; "batching on" is the default (auto)
+        for name in PRECISIONS:
+            variants[name] = [*common, "--dtype", name]
+        variants["float32, batching off"] = [*variants["batching off"], "--dtype", "float32"]
     for spec in args.variant:
         label, _, options = spec.partition("=")
         variants[label.strip()] = [*common, *shlex.split(options)]
@@ -370,7 +406,12 @@ def compare(args: argparse.Namespace) -> dict:
             str(REPO / "benchmarks" / "no_prediction_metrics.py"),
         ]
     load: dict[str, list[LoadResult]] = {name: [] for name in variants}
-    floor: dict[str, list[float]] = {"floor batch 16": [], "floor batch 1": []}
+    floor_precisions = PRECISIONS if args.precisions else ("float32",)
+    floor: dict[str, list[float]] = {
+        _floor_label(name, batch_size, args.precisions): []
+        for name in floor_precisions
+        for batch_size in (16, 1)
+    }
     with contextlib.ExitStack() as stack:
         servers = {
             name: stack.enter_context(
@@ -379,7 +420,9 @@ def compare(args: argparse.Namespace) -> dict:
             for i, (name, knobs) in enumerate(variants.items())
         }
         for name, knobs in variants.items():
-            print(f"{name}: python -m fineserve.serving ... {' '.join(knobs)}", flush=True)
+            served = served_precision(servers[name])
+            print(f"{name}: python -m fineserve.serving ... {' '.join(knobs)}  ({served})",
+                  flush=True)  # fmt: skip
         ours = [os.getpid(), *(server.proc.pid for server in servers.values())]
         others: dict[str, list[float]] = {name: [] for name in [*variants, *floor]}
 
@@ -414,11 +457,13 @@ def compare(args: argparse.Namespace) -> dict:
                 )
                 load[name].append(result)
                 _print_load(name, result, others[name][-1])
-            for batch_size in (16, 1):
-                label = f"floor batch {batch_size}"
+            for precision, batch_size in [(p, b) for p in floor_precisions for b in (16, 1)]:
+                label = _floor_label(precision, batch_size, args.precisions)
                 rate = measure(
                     label,
-                    lambda b=batch_size: run_floor(model_dir, texts, b, args.floor_duration),
+                    lambda b=batch_size, p=precision: run_floor(
+                        model_dir, texts, b, args.floor_duration, p
+                    ),
                 )
                 floor[label].append(rate)
                 print(
@@ -428,13 +473,18 @@ def compare(args: argparse.Namespace) -> dict:
 
     summary = {name: _median(results) for name, results in load.items()}
     summary |= {name: {"samples_per_s": statistics.median(v)} for name, v in floor.items()}
-    on, off, floor16 = summary["batching on"], summary["batching off"], summary["floor batch 16"]
+    on, off = summary["batching on"], summary["batching off"]
+    floor16 = summary[_floor_label("float32", 16, args.precisions)]
     checks: dict[str, float | bool] = {
         "req/s on / off (target >= 2.5)": on["rps"] / off["rps"],
         "p99 on < off": bool(on["p99"] < off["p99"]),
         "samples/s on / floor batch 16 (target >= 0.75)": on["samples_per_s"]
         / floor16["samples_per_s"],
     }
+    if args.precisions:
+        fp32 = summary["float32"]
+        checks["req/s auto / float32 (target >= 2 with AMX)"] = on["rps"] / fp32["rps"]
+        checks["p99 auto < float32"] = bool(on["p99"] < fp32["p99"])
     for name in variants:
         if name not in ("batching on", "batching off"):
             checks[f"req/s on / {name}"] = on["rps"] / summary[name]["rps"]
@@ -516,6 +566,12 @@ def main(argv: list[str] | None = None) -> None:
         "--prediction-metrics-off",
         action="store_true",
         help="also serve with the per-prediction metrics off (benchmarks/no_prediction_metrics.py)",
+    )
+    both.add_argument(
+        "--precisions",
+        action="store_true",
+        help="also serve float32, bfloat16 and int8 by name (and float32 unbatched), with "
+        "in-process floors in each: against the default, --dtype auto",
     )
     both.add_argument(
         "--server-arg",

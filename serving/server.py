@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,20 @@ def serve(
         enable_model_repository=options.enable_model_repository,
         **server_kwargs,
     )
+    log_like_kserve()
     model = TextClassifierModel(model_name, model_dir, options, model_version)
     model.load()
     server.start([model])
+
+
+def log_like_kserve() -> None:
+    """Send the `fineserve` loggers (the engine's WARNINGs, say) through KServe's handlers."""
+    from kserve.logging import logger as kserve_logger
+
+    ours = logging.getLogger("fineserve")
+    if ours.handlers or not kserve_logger.handlers:
+        return  # configured by the user, or KServe's logging is off
+    for handler in kserve_logger.handlers:
+        ours.addHandler(handler)
+    ours.setLevel(logging.INFO)
+    ours.propagate = False

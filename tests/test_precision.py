@@ -213,3 +213,16 @@ def test_the_server_reports_its_precision_in_metadata_logs_and_metrics(
     assert agreement.value == 1.0
     assert "fineserve_precision_probe_max_probability_diff" in families
     assert "in bfloat16 (asked for; probe: 100.00% of 128 probe texts" in log_path.read_text()
+
+
+def test_a_server_whose_probe_fails_serves_float32_and_logs_a_warning(decisive_model, tmp_path):
+    argv = serve_module_argv(
+        decisive_model, "tiny", "--dtype", "int8", "--probe_max_probability_diff", "0"
+    )  # int8 always moves some probability a little: this limit fails it
+    log_path = tmp_path / "server.log"
+    with ServerProcess(argv, log_path=log_path) as server:
+        meta = httpx.get(f"{server.url}/v2/models/tiny", timeout=30).json()
+    assert meta["platform"] == "pytorch_float32"
+    log = log_path.read_text()
+    assert "fineserve.serving.engine WARNING" in log  # in KServe's log format
+    assert "serving float32 instead of int8: asked for, but the probe failed" in log
