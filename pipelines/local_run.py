@@ -60,6 +60,16 @@ class LocalRun:
                 f"  macro-F1 {m['baseline_macro_f1']:.4f}"
             )
         lines.append("  per-class F1 (TF-IDF): " + self.per_class_f1())
+        precisions = [key.removesuffix("_agreement") for key in m if key.endswith("_agreement")]
+        if precisions:
+            lines.append(
+                "  served in reduced precision (same test split): "
+                + "; ".join(
+                    f"{name} macro-F1 {m[f'{name}_macro_f1']:.4f}, "
+                    f"{m[f'{name}_agreement']:.1%} same class as float32"
+                    for name in precisions
+                )
+            )
         recipe = self.train_info.get("recipe") or {}
         if recipe.get("recipe_chose_epochs"):
             lines.append(

@@ -4,9 +4,12 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import pytest
+
+from fineserve.core.artifacts import read_probe_texts
 
 pytestmark = pytest.mark.slow
 
@@ -50,6 +53,7 @@ def test_local_run_registers_a_version_with_alias_and_metrics(
         assert re.search(rf"^{task} +SUCCESS in \d+\.\d s$", out, re.MULTILINE), out
     assert re.search(r"^train +epoch 1: validation macro-F1 0\.\d{4}, accuracy", out, re.M), out
     assert "macro-F1" in out and "TF-IDF + logistic regression baseline" in out
+    assert re.search(r"served in reduced precision .*int8 macro-F1 0\.\d{4}, [\d.]+% same", out)
     # ...and the executors' full output is in the log the first line names
     log_path = tmp_path / lines[0].split(": ", 1)[1].split(" (")[0]
     log = log_path.read_text()
@@ -65,6 +69,10 @@ def test_local_run_registers_a_version_with_alias_and_metrics(
     assert {"accuracy", "macro_f1", "baseline_macro_f1", "train_samples_per_second"} <= set(
         run_data.metrics
     )
+    assert "int8_agreement" in run_data.metrics  # what int8 serving would cost
+    # the registered directory carries its probe texts: what the predictor checks at load
+    stored = Path(version.tags["fineserve.storage_uri"].removeprefix("file://"))
+    assert read_probe_texts(tmp_path / stored)  # (relative: to where the run ran)
     assert run_data.params["rows_train"] == "240"
     assert version.tags["fineserve.dataset_fingerprint"] == run_data.params["dataset_fingerprint"]
     assert version.tags["fineserve.gate.passed"] == "true"
