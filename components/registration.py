@@ -16,7 +16,13 @@ from kfp import dsl
 from kfp.dsl import Artifact, Input, Markdown, Model
 
 from fineserve.components.decorator import component
-from fineserve.core.artifacts import HF_MODEL_ARTIFACT, TAG_PIPELINE_RUN_ID, ModelInfo, write_probe
+from fineserve.core.artifacts import (
+    HF_MODEL_ARTIFACT,
+    PROBE_FILE,
+    TAG_PIPELINE_RUN_ID,
+    ModelInfo,
+    write_probe,
+)
 from fineserve.core.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -137,7 +143,8 @@ def log_model_version(model_dir: str, model_name: str, probe_texts: list[str]) -
         # MLflow stores an artifact folder under its own name: stage it as `hf_model`
         hf_model = Path(staging, HF_MODEL_ARTIFACT)
         shutil.copytree(model_dir, hf_model, copy_function=_link_or_copy)
-        if probe_texts:
+        if probe_texts:  # a new file: a hard-linked one from model_dir must not change
+            (hf_model / PROBE_FILE).unlink(missing_ok=True)
             write_probe(hf_model, probe_texts, "test split of the evaluate step")
         model_info = mlflow.pyfunc.log_model(
             name="model",

@@ -154,6 +154,8 @@ class TextClassifier:
         self.model_dir = Path(model_dir)
         if not (self.model_dir / "config.json").is_file():
             raise ModelDirError(f"{self.model_dir} has no config.json; not a HF model directory")
+        if dtype == "int8" and device == "auto":
+            device = "cpu"  # dynamic int8 quantization runs on the CPU only
         self.device = pick_device(device)
         if threads and self.device.type == "cpu":
             torch.set_num_threads(threads)  # process-wide: intra-op threads of every pass
@@ -203,7 +205,9 @@ class TextClassifier:
         texts = (read_probe_texts(self.model_dir) or [])[: probe.texts]
         if not texts:
             why = "probe off" if not probe.texts else f"{self.model_dir} has no probe texts"
-            if auto:  # auto never takes a precision it cannot check
+            # auto takes no precision it cannot check, except bfloat16 on a GPU, where the
+            # train step trains in it (and auto served it before models carried probe texts)
+            if auto and self.device.type != "cuda":
                 self.precision_reason = f"{self.precision_reason}, but {why}: float32"
                 logger.warning("%s: serving float32 (%s)", self.model_dir, self.precision_reason)
                 return
@@ -214,18 +218,24 @@ class TextClassifier:
                 logger.warning("%s: serving %s unchecked: %s", self.model_dir, target, why)
             return
         reference = self.predict_proba(texts)
-        self.model = precisions.reduce(self.model, target)
-        self.precision = target
-        self.probe = precisions.compare(reference, self.predict_proba(texts), probe)
-        if self.probe.passed:
+        try:
+            self.model = precisions.reduce(self.model, target)
+            self.precision = target
+            candidate = self.predict_proba(texts)
+            self.probe = precisions.compare(reference, candidate, probe, target)
+            failure = "" if self.probe.passed else (
+                f"the probe failed ({self.probe.describe()}; limits "
+                f"{probe.min_agreement:.2%} and {probe.max_probability_diff:g})"
+            )  # fmt: skip
+        except (RuntimeError, NotImplementedError, ValueError) as exc:  # no kernel, no engine
+            failure = f"{target} does not run here ({exc})"
+        if not failure:
             self.precision_reason = f"{self.precision_reason}; probe: {self.probe.describe()}"
             return
-        self.precision_reason = (
-            f"{self.precision_reason}, but the probe failed ({self.probe.describe()}; limits "
-            f"{probe.min_agreement:.2%} and {probe.max_probability_diff:g}): float32"
-        )
+        self.precision_reason = f"{self.precision_reason}, but {failure}: float32"
         logger.warning("%s: serving float32 instead of %s: %s", self.model_dir, target,
                        self.precision_reason)  # fmt: skip
+        self.model = None  # free the reduced model before loading float32 again
         self.model = self._load("float32")
         self.precision = "float32"
 

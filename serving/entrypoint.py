@@ -31,7 +31,8 @@ _KNOBS: list[tuple[str, type, str]] = [
         "probe_texts",
         int,
         "Texts of the model's own test split (stored with it at registration) a reduced "
-        "precision is checked on against float32 at load; 0: no check.",
+        "precision is checked on against float32 at load; 0: no check (a precision named by "
+        "--dtype is trusted; auto serves float32 on a CPU).",
     ),
     (
         "probe_min_agreement",

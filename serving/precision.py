@@ -7,8 +7,11 @@ bfloat16, float16 or int8 asked for by name) must first pass a probe: the model'
 evaluation texts, stored with it at registration (`fineserve-probe.json`), classified in
 float32 and in the reduced precision. The reduced one is kept only if the predicted classes
 agree on at least `ProbeSettings.min_agreement` of the texts and no probability moves by more
-than `ProbeSettings.max_probability_diff`; otherwise the model is served in float32 with a
-WARNING. int8 is dynamic quantization of the Linear layers (torch's; CPU only).
+than `ProbeSettings.max_probability_diff`; otherwise (or if it does not run at all) the model
+is served in float32 with a WARNING. Without probe texts (or with the probe off) a precision
+asked for by name is trusted, and auto serves float32 on a CPU and bfloat16 on a GPU. int8 is
+dynamic quantization of the Linear layers (torch's; CPU only): its activation scales are set
+per forward pass, so a text's answer may vary slightly with the texts batched with it.
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ class ProbeResult:
     agreement: float
     max_probability_diff: float
     passed: bool
+    precision: str = ""  # the reduced precision tried
 
     def describe(self) -> str:
         """The numbers, in a line."""
@@ -80,7 +84,9 @@ class ProbeResult:
         )
 
 
-def compare(reference: np.ndarray, candidate: np.ndarray, settings: ProbeSettings) -> ProbeResult:
+def compare(
+    reference: np.ndarray, candidate: np.ndarray, settings: ProbeSettings, precision: str = ""
+) -> ProbeResult:
     """Judge ``candidate`` probabilities [texts, classes] against float32's ``reference``."""
     if reference.shape != candidate.shape or not len(reference):
         raise ValueError(f"probe outputs differ in shape: {reference.shape} {candidate.shape}")
@@ -90,7 +96,7 @@ def compare(reference: np.ndarray, candidate: np.ndarray, settings: ProbeSetting
     else:
         diff = float("inf")  # a NaN or an overflow is never faithful
     passed = agreement >= settings.min_agreement and diff <= settings.max_probability_diff
-    return ProbeResult(len(reference), agreement, diff, passed)
+    return ProbeResult(len(reference), agreement, diff, passed, precision)
 
 
 @functools.cache
@@ -109,17 +115,17 @@ def cpu_has_native_bf16() -> bool:
 
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` runs bfloat16 at full speed."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # Ampere (compute capability 8) and later; earlier ones emulate
+        return torch.cuda.get_device_capability(device)[0] >= 8
     return device.type == "cpu" and cpu_has_native_bf16()
 
 
 def choose(dtype: str, device: torch.device) -> tuple[str, str]:
     """The precision to try for ``--dtype`` on ``device``, and why."""
     if dtype not in PRECISIONS:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(PRECISIONS)}")
+        raise ValueError(f"unknown --dtype {dtype!r}; choose one of {', '.join(PRECISIONS)}")
     if dtype == "int8" and device.type != "cpu":
-        raise ValueError("--dtype int8 (dynamic quantization) runs on the CPU only")
+        raise ValueError("--dtype int8 (dynamic quantization) runs on the CPU only: --device cpu")
     if dtype != "auto":
         return dtype, "asked for"
     if native_bf16(device):

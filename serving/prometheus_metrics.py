@@ -37,13 +37,15 @@ MODEL_INFO = Gauge(
 )
 PROBE_AGREEMENT = Gauge(
     "fineserve_precision_probe_agreement",
-    "Share of probe texts whose class the served reduced precision kept (vs float32), at load",
-    LABELS,
+    "Share of probe texts whose class the reduced precision tried at load (label precision) "
+    "kept against float32; fineserve_model_info says whether it is served",
+    (*LABELS, "precision"),
 )
 PROBE_MAX_DIFF = Gauge(
     "fineserve_precision_probe_max_probability_diff",
-    "Largest probability change of the reduced precision on the probe texts, at load",
-    LABELS,
+    "Largest probability move of the reduced precision tried at load (label precision) on "
+    "the probe texts",
+    (*LABELS, "precision"),
 )
 PREDICTIONS = Counter(
     "fineserve_predictions", "Texts answered, by the label predicted for them", (*LABELS, "label")
@@ -78,8 +80,10 @@ class ModelMetrics:
         self._top_probability = TOP_PROBABILITY.labels(**names)
         MODEL_INFO.labels(**names, device=device, precision=precision).set(1)
         if probe is not None:
-            PROBE_AGREEMENT.labels(**names).set(probe.agreement)
-            PROBE_MAX_DIFF.labels(**names).set(probe.max_probability_diff)
+            PROBE_AGREEMENT.labels(**names, precision=probe.precision).set(probe.agreement)
+            PROBE_MAX_DIFF.labels(**names, precision=probe.precision).set(
+                probe.max_probability_diff
+            )
         _VERSIONS[model_name] = model_version
 
     def observe_predictions(self, probabilities: np.ndarray) -> None:

@@ -111,7 +111,7 @@ def test_dtype_is_validated_by_the_command_line_and_the_engine(tiny_classifier):
     bad = parser.parse_args(["--model-dir", "x", "--probe-min-agreement", "2"])
     with pytest.raises(ValueError, match="probe_min_agreement"):
         options_from_args(bad)
-    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
+    with pytest.raises(ValueError, match="unknown --dtype 'fp8'"):
         TextClassifier(tiny_classifier, dtype="fp8")
 
 
@@ -121,8 +121,9 @@ def test_dtype_is_validated_by_the_command_line_and_the_engine(tiny_classifier):
 def test_auto_serves_bfloat16_when_the_probe_passes(decisive_model, probe_texts, native_bf16):
     native_bf16(True)
     reference = TextClassifier(decisive_model, dtype="float32").predict_proba(probe_texts)
-    classifier = TextClassifier(decisive_model, dtype="auto")
-    assert classifier.precision == "bfloat16" and classifier.dtype == torch.bfloat16
+    classifier = TextClassifier(decisive_model, device="cpu", dtype="auto")
+    assert classifier.precision == "bfloat16"
+    assert {p.dtype for p in classifier.model.parameters()} == {torch.bfloat16}  # converted
     assert classifier.probe.passed and classifier.probe.texts == len(probe_texts)
     assert "probe: 100.00% of 128 probe texts keep their class" in classifier.precision_reason
     served = classifier.predict_proba(probe_texts)
@@ -132,8 +133,9 @@ def test_auto_serves_bfloat16_when_the_probe_passes(decisive_model, probe_texts,
 
 def test_auto_stays_float32_where_the_cpu_has_no_native_bfloat16(decisive_model, native_bf16):
     native_bf16(False)
-    classifier = TextClassifier(decisive_model, dtype="auto")
+    classifier = TextClassifier(decisive_model, device="cpu", dtype="auto")
     assert classifier.precision == "float32" and classifier.probe is None
+    assert {p.dtype for p in classifier.model.parameters()} == {torch.float32}
 
 
 @pytest.mark.parametrize("scale", [0.5, -1.0])  # probabilities move; classes change
@@ -151,13 +153,28 @@ def test_a_corrupted_reduced_model_fails_the_probe_and_float32_is_served(
     monkeypatch.setattr(precision, "reduce", broken_reduce)
     reference = TextClassifier(decisive_model, dtype="float32").predict_proba(probe_texts)
     with caplog.at_level(logging.WARNING, logger="fineserve.serving.engine"):
-        classifier = TextClassifier(decisive_model, dtype="auto")
-    assert classifier.precision == "float32" and classifier.dtype == torch.float32
+        classifier = TextClassifier(decisive_model, device="cpu", dtype="auto")
+    assert classifier.precision == "float32"
+    assert {p.dtype for p in classifier.model.parameters()} == {torch.float32}
     assert not classifier.probe.passed
     assert "serving float32 instead of bfloat16" in caplog.text
     assert "the probe failed" in classifier.precision_reason
     # the float32 weights were reloaded: answers are float32's, untouched by the damage
     np.testing.assert_allclose(classifier.predict_proba(probe_texts), reference, atol=1e-6)
+
+
+def test_a_reduced_precision_that_does_not_run_here_falls_back_to_float32(
+    decisive_model, probe_texts, monkeypatch, caplog
+):
+    def no_kernel(model, name):
+        raise RuntimeError(f'"addmm" not implemented for {name}')
+
+    monkeypatch.setattr(precision, "reduce", no_kernel)
+    with caplog.at_level(logging.WARNING, logger="fineserve.serving.engine"):
+        classifier = TextClassifier(decisive_model, device="cpu", dtype="float16")
+    assert classifier.precision == "float32"
+    assert "float16 does not run here" in caplog.text
+    assert classifier.predict_proba(probe_texts[:2]).shape == (2, 3)
 
 
 def test_without_probe_texts_auto_serves_float32_and_a_named_precision_is_unchecked(
@@ -168,11 +185,12 @@ def test_without_probe_texts_auto_serves_float32_and_a_named_precision_is_unchec
     shutil.copytree(decisive_model, bare)
     (bare / PROBE_FILE).unlink()
     with caplog.at_level(logging.WARNING, logger="fineserve.serving.engine"):
-        auto = TextClassifier(bare, dtype="auto")
+        auto = TextClassifier(bare, device="cpu", dtype="auto")
     assert auto.precision == "float32" and "has no probe texts" in auto.precision_reason
     assert "serving float32" in caplog.text
-    named = TextClassifier(bare, dtype="bfloat16")
+    named = TextClassifier(bare, device="cpu", dtype="bfloat16")
     assert named.precision == "bfloat16" and named.probe is None
+    assert {p.dtype for p in named.model.parameters()} == {torch.bfloat16}
     assert "unchecked" in named.precision_reason
 
 
@@ -210,7 +228,7 @@ def test_the_server_reports_its_precision_in_metadata_logs_and_metrics(
     (info,) = families["fineserve_model_info"].samples
     assert info.labels["precision"] == "bfloat16" and info.value == 1
     (agreement,) = families["fineserve_precision_probe_agreement"].samples
-    assert agreement.value == 1.0
+    assert agreement.value == 1.0 and agreement.labels["precision"] == "bfloat16"
     assert "fineserve_precision_probe_max_probability_diff" in families
     assert "in bfloat16 (asked for; probe: 100.00% of 128 probe texts" in log_path.read_text()
 
