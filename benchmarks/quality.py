@@ -123,6 +123,7 @@ def run_one(frame: pd.DataFrame, size: int, seed: int, work: Path) -> dict:
         "model_f1": results["model"]["f1"],
         "baseline_f1": results["baseline"]["f1"],
         "recipe": info.get("recipe"),
+        "precisions": results.get("precisions", {}),  # int8 (and bfloat16) against float32
         "epochs_completed": info["train_metrics"]["epochs_completed"],
         "train_seconds": round(seconds, 1),
     }
