@@ -44,6 +44,12 @@ _KNOBS: list[tuple[str, type, str]] = [
         float,
         "Most a reduced precision may move any probability on the probe texts, else float32.",
     ),
+    (
+        "probe_tie_margin",
+        float,
+        "A probe text whose class changes to one float32 rated within this of its own is a "
+        "near-tie and does not count against the agreement.",
+    ),
 ]
 _DEVICES = ("auto", "cpu", "cuda")
 

@@ -45,12 +45,16 @@ class ProbeSettings:
 
     ``texts``: most probe texts used (0 skips the probe: a named precision is trusted, and
     auto serves float32). ``min_agreement``: least share of texts whose predicted class must
-    not change. ``max_probability_diff``: most any class probability may move.
+    not change. ``max_probability_diff``: most any class probability may move. ``tie_margin``:
+    a text whose new class float32 rated within this of its own class is a near-tie, which any
+    rounding may flip: it does not count against the agreement (the probability bound still
+    holds for it).
     """
 
     texts: int = 256
     min_agreement: float = 0.99
     max_probability_diff: float = 0.1
+    tie_margin: float = 0.02
 
     def __post_init__(self) -> None:
         if self.texts < 0:
@@ -64,6 +68,8 @@ class ProbeSettings:
                 "probe_max_probability_diff must be between 0 and 1, "
                 f"got {self.max_probability_diff}"
             )
+        if not 0 <= self.tie_margin <= 1:
+            raise ValueError(f"probe_tie_margin must be between 0 and 1, got {self.tie_margin}")
 
 
 @dataclass(frozen=True)
@@ -71,15 +77,17 @@ class ProbeResult:
     """How far a reduced precision's answers moved from float32's on the probe texts."""
 
     texts: int
-    agreement: float
+    agreement: float  # share of texts that kept their class, near-ties aside
     max_probability_diff: float
     passed: bool
     precision: str = ""  # the reduced precision tried
+    near_ties: int = 0  # texts that changed class between two float32 rated within the margin
 
     def describe(self) -> str:
         """The numbers, in a line."""
+        ties = f" ({self.near_ties} near-ties changed)" if self.near_ties else ""
         return (
-            f"{self.agreement:.2%} of {self.texts} probe texts keep their class, "
+            f"{self.agreement:.2%} of {self.texts} probe texts keep their class{ties}, "
             f"probabilities move by at most {self.max_probability_diff:.3g}"
         )
 
@@ -90,13 +98,18 @@ def compare(
     """Judge ``candidate`` probabilities [texts, classes] against float32's ``reference``."""
     if reference.shape != candidate.shape or not len(reference):
         raise ValueError(f"probe outputs differ in shape: {reference.shape} {candidate.shape}")
-    agreement = float((reference.argmax(axis=1) == candidate.argmax(axis=1)).mean())
-    if np.isfinite(candidate).all():
-        diff = float(np.abs(reference - candidate).max())
-    else:
-        diff = float("inf")  # a NaN or an overflow is never faithful
+    if not np.isfinite(candidate).all():  # a NaN or an overflow is never faithful
+        return ProbeResult(len(reference), 0.0, float("inf"), False, precision)
+    rows = np.arange(len(reference))
+    ours, theirs = reference.argmax(axis=1), candidate.argmax(axis=1)
+    # how much float32 preferred its class over the one now chosen (0 where unchanged)
+    margin = reference[rows, ours] - reference[rows, theirs]
+    changed = margin > settings.tie_margin
+    agreement = 1.0 - float(changed.mean())
+    diff = float(np.abs(reference - candidate).max())
     passed = agreement >= settings.min_agreement and diff <= settings.max_probability_diff
-    return ProbeResult(len(reference), agreement, diff, passed, precision)
+    near_ties = int(((ours != theirs) & ~changed).sum())
+    return ProbeResult(len(reference), agreement, diff, passed, precision, near_ties)
 
 
 @functools.cache

@@ -34,6 +34,7 @@ class ServeOptions:
     probe_texts: int = 256  # probe texts a reduced precision is checked on; 0: no probe
     probe_min_agreement: float = 0.99  # least share of probe texts keeping their class
     probe_max_probability_diff: float = 0.1  # most a probability may move on the probe
+    probe_tie_margin: float = 0.02  # class changes between classes this close are near-ties
     unpad: str = "auto"  # auto: Linear layers skip padding rows if a load-time check agrees
     enable_model_repository: bool = False  # allow load/unload over HTTP and gRPC
 
@@ -58,7 +59,10 @@ class ServeOptions:
     def probe(self) -> ProbeSettings:
         """The accuracy probe's settings."""
         return ProbeSettings(
-            self.probe_texts, self.probe_min_agreement, self.probe_max_probability_diff
+            self.probe_texts,
+            self.probe_min_agreement,
+            self.probe_max_probability_diff,
+            self.probe_tie_margin,
         )
 
 

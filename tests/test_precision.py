@@ -67,6 +67,13 @@ def test_the_probe_accepts_small_moves_and_rejects_changed_classes_or_large_move
     moved = reference.copy()
     moved[0] = [0.7, 0.3]  # same class, probability moved by 0.2
     assert not compare(reference, moved, settings).passed
+    near_tie = np.vstack([reference, [[0.505, 0.495]]])  # float32 can hardly tell them apart
+    flipped_tie = np.vstack([reference, [[0.497, 0.503]]])
+    tie = compare(near_tie, flipped_tie, settings)
+    assert tie.passed and tie.agreement == 1.0 and tie.near_ties == 1
+    assert "(1 near-ties changed)" in tie.describe()
+    strict = ProbeSettings(min_agreement=0.99, max_probability_diff=0.1, tie_margin=0.0)
+    assert not compare(near_tie, flipped_tie, strict).passed
     broken = reference.copy()
     broken[1] = [np.nan, np.nan]
     assert not compare(reference, broken, settings).passed
@@ -79,6 +86,7 @@ def test_the_probe_accepts_small_moves_and_rejects_changed_classes_or_large_move
         ({"texts": -1}, "probe_texts must be 0"),
         ({"min_agreement": 1.5}, "probe_min_agreement must be between 0 and 1"),
         ({"max_probability_diff": -0.1}, "probe_max_probability_diff must be between 0 and 1"),
+        ({"tie_margin": 2.0}, "probe_tie_margin must be between 0 and 1"),
     ],
 )
 def test_bad_probe_settings_are_refused_naming_the_flag(settings, message):
