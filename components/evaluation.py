@@ -331,7 +331,7 @@ def evaluate(
     for warning in missed:
         step.log.warning(warning)
     result["warnings"] += missed
-    recipe = artifacts.read_model_info(model.path).get("recipe")
+    recipe = artifacts.read_model_info(model.path, missing_ok=True).get("recipe")
     if recipe:
         result["recipe"] = recipe
     artifacts.write_evaluation_results(results.path, result)

@@ -251,6 +251,15 @@ def test_evaluate_reports_model_and_baseline(trained_dir, raw_dir, tmp_path):
     assert "int8" in result["precisions"] and "## Serving precisions" in report
 
 
+def test_evaluate_scores_a_model_trained_elsewhere(tiny_classifier, raw_dir, tmp_path):
+    # no fineserve.json (e.g. the tutorial loop's model in benchmarks/train_throughput.py)
+    result = evaluate_model(
+        str(raw_dir), str(tiny_classifier), results_path=str(tmp_path / "r.json"),
+        report_path=str(tmp_path / "r.md"), n_bootstrap=10, serving_precisions="none",
+    )  # fmt: skip
+    assert result["test_rows"] == 30 and "recipe" not in result
+
+
 def test_evaluate_refuses_an_unknown_precision(trained_dir, raw_dir, tmp_path):
     with pytest.raises(DataError, match=r"serving_precisions: unknown \['int4'\]"):
         evaluate_model(
