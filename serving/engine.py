@@ -160,13 +160,12 @@ class TextClassifier:
         if threads and self.device.type == "cpu":
             torch.set_num_threads(threads)  # process-wide: intra-op threads of every pass
         target, self.precision_reason = precisions.choose(dtype, self.device)
-        self.requested_precision = dtype
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens or default_batch_tokens(self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
         self.precision = "float32"
         self.probe: ProbeResult | None = None
-        self.model = self._load("float32")
+        self.model = self._load_float32()
         id2label = {int(k): str(v) for k, v in (self.model.config.id2label or {}).items()}
         if sorted(id2label) != list(range(self.model.config.num_labels)):
             raise ModelDirError(f"{self.model_dir}/config.json id2label does not cover every class")
@@ -189,16 +188,16 @@ class TextClassifier:
         """The torch dtype of the weights (int8 layers take and give float32)."""
         return precisions.LOAD_DTYPES[self.precision]
 
-    def _load(self, precision: str) -> torch.nn.Module:
+    def _load_float32(self) -> torch.nn.Module:
+        """The model's float32 weights on the device (a reduced precision converts these)."""
         model = AutoModelForSequenceClassification.from_pretrained(
             self.model_dir,
             use_safetensors=True,
             trust_remote_code=False,
             local_files_only=True,
-            dtype=precisions.LOAD_DTYPES[precision],
+            dtype=torch.float32,
         )
-        model = model.to(self.device).eval()
-        return precisions.reduce(model, precision) if precision == "int8" else model
+        return model.to(self.device).eval()
 
     def _reduce_precision(self, target: str, auto: bool, probe: ProbeSettings) -> None:
         """Serve ``target`` if it passes the probe against float32 (see `precision`)."""
@@ -236,7 +235,7 @@ class TextClassifier:
         logger.warning("%s: serving float32 instead of %s: %s", self.model_dir, target,
                        self.precision_reason)  # fmt: skip
         self.model = None  # free the reduced model before loading float32 again
-        self.model = self._load("float32")
+        self.model = self._load_float32()
         self.precision = "float32"
 
     def _skip_padding_if_outputs_agree(self) -> None:
