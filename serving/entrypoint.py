@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve a fineserve text classifier with KServe (v1/v2 REST, v2 gRPC).",
     )
     parser.add_argument("--model_dir", required=True, help="HF directory (or an MLflow model).")
+    parser.set_defaults(enable_latency_logging=False)  # 3 log lines a request; /metrics has them
     _add_knobs(parser, "_")
     return parser
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,9 @@ from typing import Any
 from fastapi import FastAPI
 from kserve import ModelServer
 from kserve import model_server as kserve_model_server
+from kserve.logging import logger
 from kserve.protocol.grpc import server as kserve_grpc_server
+from timing_asgi import TimingMiddleware
 
 from fineserve.serving.http_guards import GuardedDataPlane, install_http_guards, quiet_client_errors
 from fineserve.serving.predictor import ServeOptions, TextClassifierModel
@@ -22,7 +25,12 @@ from fineserve.serving.repository import (
 
 
 class FineserveModelServer(ModelServer):
-    """ModelServer whose bad-input paths answer 4xx (see `fineserve.serving.http_guards`)."""
+    """ModelServer whose bad-input paths answer 4xx (see `fineserve.serving.http_guards`).
+
+    It also runs on the event loop ``--event-loop`` names (KServe's `start` runs
+    `asyncio.run`, which ignores it), and KServe's per-request timing log lines follow
+    ``--enable_latency_logging`` (KServe writes them always).
+    """
 
     def __init__(
         self, *, max_request_bytes: int, enable_model_repository: bool = False, **kwargs: Any
@@ -43,8 +51,19 @@ class FineserveModelServer(ModelServer):
             RepositoryChangesDisabled, repository_disabled_handler
         )
         install_http_guards(kserve_model_server.app, max_request_bytes, self._served_version)
-        count_requests(kserve_model_server.app)
+        wrap_middleware(kserve_model_server.app, latency_logging=self.enable_latency_logging)
         quiet_client_errors()
+
+    def setup_event_loop(self) -> None:
+        """Called by `start` before `asyncio.run`: have that run make the loop asked for.
+
+        KServe's own settings of the loop are made in `_serve`, on the loop that runs.
+        """
+        logger.info("event loop: %s", use_event_loop(self.event_loop))
+
+    async def _serve(self) -> None:
+        super().setup_event_loop()  # exception handler, default executor: on the running loop
+        await super()._serve()
 
     def _served_version(self, model_name: str) -> str | None:
         model = self.registered_models.get_model(model_name)
@@ -52,10 +71,40 @@ class FineserveModelServer(ModelServer):
         return classifier.model_version if classifier is not None else None
 
 
-def count_requests(app: FastAPI) -> None:
-    """Count and time every request of both protocols (`fineserve_requests_total`, ...)."""
-    build_stack = app.build_middleware_stack  # outermost: 413s and 415s are counted too
-    app.build_middleware_stack = lambda: HTTPRequestMetrics(build_stack())
+def use_event_loop(kind: str) -> str:
+    """Make `asyncio.run` use the loop ``kind`` names (uvicorn's choices); the one it will use.
+
+    ``auto`` means uvloop where it is installed (it is in the image), else asyncio's own.
+    """
+    if kind not in ("auto", "asyncio", "uvloop"):
+        raise ValueError(f"--event-loop must be auto, asyncio or uvloop, not {kind!r}")
+    if kind == "asyncio":
+        asyncio.set_event_loop_policy(None)
+        return "asyncio"
+    try:
+        import uvloop
+    except ImportError as exc:
+        if kind == "uvloop":
+            raise ValueError("--event-loop uvloop was asked for but is not installed") from exc
+        return "asyncio"
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return "uvloop"
+
+
+def wrap_middleware(app: FastAPI, *, latency_logging: bool) -> None:
+    """Count and time every request of both protocols (`fineserve_requests_total`, ...).
+
+    Without ``latency_logging`` KServe's timing middleware goes: its only effect is two log
+    lines per request, and a `getrusage` call either side of it, on the event loop.
+    """
+    build_stack = app.build_middleware_stack
+
+    def build() -> Any:
+        if not latency_logging:
+            app.user_middleware = [m for m in app.user_middleware if m.cls is not TimingMiddleware]
+        return HTTPRequestMetrics(build_stack())  # outermost: 413s and 415s are counted too
+
+    app.build_middleware_stack = build
     # KServe's gRPC server builds its interceptors from this module name when it starts
     kserve_grpc_server.ExceptionToStatusInterceptor = GRPCRequestMetrics
 
@@ -71,7 +120,9 @@ def serve(
     """Load the model, then serve it until SIGTERM/SIGINT (``server_kwargs`` go to ModelServer).
 
     The server is made first: it configures KServe's logging, which the load then logs to.
+    KServe's per-request latency log lines are off unless asked for: /metrics has latencies.
     """
+    server_kwargs.setdefault("enable_latency_logging", False)
     server = FineserveModelServer(
         max_request_bytes=options.max_request_bytes,
         enable_model_repository=options.enable_model_repository,

@@ -93,6 +93,14 @@ def test_health_and_readiness(http):
     assert http.get(f"/v2/models/{MODEL}/ready").json() == {"name": MODEL, "ready": True}
 
 
+def test_served_on_uvloop_without_kserve_latency_lines_per_request(http, server, texts):
+    _infer(http, texts[:2])
+    log = server.log()
+    assert "event loop: uvloop" in log
+    assert "kserve.trace" not in log  # KServe writes 3 a request; the access line stays
+    assert f'"POST /v2/models/{MODEL}/infer HTTP/1.1" 200' in log
+
+
 def test_metadata_lists_the_real_inputs_and_outputs(http):
     meta = http.get(f"/v2/models/{MODEL}").json()
     assert meta["name"] == MODEL and meta["versions"] == [VERSION]

@@ -23,6 +23,7 @@ from fineserve.serving.entrypoint import (
     options_from_args,
 )
 from fineserve.serving.model_uri import find_hf_dir, resolve_model_dir
+from fineserve.serving.server import use_event_loop, wrap_middleware
 from fineserve.serving.unpad import UnpaddedLinears
 
 
@@ -531,3 +532,50 @@ def test_memory_is_trimmed_once_idle_and_at_most_every_interval():
         assert trims == [0, 0, 0]
 
     asyncio.run(scenario())
+
+
+# --- the HTTP server's event loop and per-request logging --------------------------------------
+
+
+@pytest.mark.parametrize(("kind", "module"), [("auto", "uvloop"), ("asyncio", "asyncio")])
+def test_the_event_loop_asked_for_is_the_one_that_runs(kind, module):
+    async def running_loop_module() -> str:
+        return type(asyncio.get_running_loop()).__module__
+
+    try:
+        assert use_event_loop(kind) == module
+        assert asyncio.run(running_loop_module()).split(".")[0] == module
+    finally:
+        asyncio.set_event_loop_policy(None)
+    with pytest.raises(ValueError, match="--event-loop"):
+        use_event_loop("trio")
+
+
+@pytest.mark.parametrize("latency_logging", [False, True])
+def test_kserve_timing_lines_follow_latency_logging(latency_logging):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+    from timing_asgi import TimingClient, TimingMiddleware
+    from timing_asgi.integrations import StarletteScopeToName
+
+    class Recorded(TimingClient):
+        def __init__(self) -> None:
+            self.names: list[str] = []
+
+        def timing(self, metric_name, timing, tags) -> None:
+            self.names.append(metric_name)
+
+    app, timings = FastAPI(), Recorded()
+
+    @app.get("/ping")
+    def ping() -> str:
+        return "pong"
+
+    # as KServe's RESTServer adds it
+    app.add_middleware(
+        TimingMiddleware, client=timings, metric_namer=StarletteScopeToName("kserve.io", app)
+    )
+    wrap_middleware(app, latency_logging=latency_logging)
+    with TestClient(app) as client:
+        assert client.get("/ping").json() == "pong"
+    assert timings.names == (["kserve.io.test_serving_units.ping"] * 2 if latency_logging else [])
