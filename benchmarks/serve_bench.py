@@ -96,6 +96,7 @@ class LoadResult:
     p95: float
     p99: float
     first_error: str = ""
+    loop_cpu_ms: float = float("nan")  # the server's event-loop thread, CPU ms per request
 
     @property
     def rps(self) -> float:
@@ -126,8 +127,13 @@ async def run_load(
     warmup: float = 3.0,
     texts_per_request: int = 1,
     max_requests: int = 100_000,
+    loop_pid: int | None = None,
 ) -> LoadResult:
-    """Closed-loop load: ``concurrency`` workers, each sending its next request on an answer."""
+    """Closed-loop load: ``concurrency`` workers, each sending its next request on an answer.
+
+    With ``loop_pid`` (a local server's process), also the CPU time its main thread, the event
+    loop, spent per answered request while measured.
+    """
     import aiohttp
 
     endpoint = f"{url.rstrip('/')}/v2/models/{model}/infer"
@@ -171,13 +177,16 @@ async def run_load(
         end_warmup = time.perf_counter() + warmup
         await asyncio.gather(*(worker(session, w, end_warmup, False) for w in range(concurrency)))
         sent = 0
+        loop_ticks = _thread_ticks(loop_pid)
         began = time.perf_counter()
         until = began + duration
         await asyncio.gather(*(worker(session, w, until, True) for w in range(concurrency)))
         seconds = time.perf_counter() - began
+        loop_ticks = _thread_ticks(loop_pid) - loop_ticks
     p50, p95, p99 = np.percentile(latencies, [50, 95, 99]) if latencies else (np.nan,) * 3
+    loop_cpu_ms = loop_ticks / _TICK * 1000 / len(latencies) if loop_pid and latencies else np.nan
     return LoadResult(
-        len(latencies), errors, seconds, texts_per_request, p50, p95, p99, first_error
+        len(latencies), errors, seconds, texts_per_request, p50, p95, p99, first_error, loop_cpu_ms
     )
 
 
@@ -238,17 +247,24 @@ def _machine_ticks() -> tuple[int, int]:
     return sum(fields) - idle, sum(fields)
 
 
+def _stat_ticks(path: str) -> int:
+    """CPU ticks (user + system) of a /proc `stat` file; 0 when it cannot be read."""
+    try:
+        stat = Path(path).read_text()
+    except OSError:
+        return 0
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[11]) + int(fields[12])
+
+
 def _process_ticks(pids: list[int]) -> int:
     """CPU ticks (user + system, all threads) used so far by ``pids``."""
-    total = 0
-    for pid in pids:
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        total += int(fields[11]) + int(fields[12])
-    return total
+    return sum(_stat_ticks(f"/proc/{pid}/stat") for pid in pids)
+
+
+def _thread_ticks(pid: int | None) -> int:
+    """CPU ticks used so far by the main thread of ``pid`` (0 for None)."""
+    return _stat_ticks(f"/proc/{pid}/task/{pid}/stat") if pid else 0
 
 
 class OtherLoad:
@@ -367,6 +383,7 @@ def _print_load(label: str, r: LoadResult, other_cores: float | None = None) -> 
         f"{label:<22} {r.rps:8.1f} req/s {r.samples_per_s:8.1f} samples/s  "
         f"p50 {r.p50 * 1000:7.1f} ms  p95 {r.p95 * 1000:7.1f} ms  p99 {r.p99 * 1000:7.1f} ms  "
         f"errors {r.errors}"
+        + (f"  loop {r.loop_cpu_ms:.2f} ms CPU/req" if r.loop_cpu_ms == r.loop_cpu_ms else "")
         + (f" (first: {r.first_error})" if r.errors else "")
         + (f"  (others: {other_cores:.2f} cores)" if other_cores is not None else ""),
         flush=True,
@@ -376,7 +393,7 @@ def _print_load(label: str, r: LoadResult, other_cores: float | None = None) -> 
 def _median(results: list[LoadResult]) -> dict[str, float]:
     return {
         key: statistics.median(getattr(r, key) for r in results)
-        for key in ("rps", "samples_per_s", "p50", "p95", "p99")
+        for key in ("rps", "samples_per_s", "p50", "p95", "p99", "loop_cpu_ms")
     } | {"errors": sum(r.errors for r in results), "requests": sum(r.requests for r in results)}
 
 
@@ -452,6 +469,7 @@ def compare(args: argparse.Namespace) -> dict:
                             duration=args.duration,
                             warmup=args.warmup,
                             texts_per_request=args.texts_per_request,
+                            loop_pid=server.proc.pid,
                         )
                     ),
                 )
@@ -492,17 +510,18 @@ def compare(args: argparse.Namespace) -> dict:
         f"\n=== medians over {args.rounds} rounds, concurrency {args.concurrency}, "
         f"{args.texts_per_request} text(s) per request, {args.duration:.0f} s each"
     )
-    print("| variant | req/s | samples/s | p50 ms | p95 ms | p99 ms | errors |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| variant | req/s | samples/s | p50 ms | p95 ms | p99 ms | loop CPU ms/req | errors |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, row in summary.items():
         if "rps" in row:
             print(
                 f"| {name} | {row['rps']:.1f} | {row['samples_per_s']:.1f} | "
                 f"{row['p50'] * 1000:.0f} | {row['p95'] * 1000:.0f} | {row['p99'] * 1000:.0f} | "
+                f"{row['loop_cpu_ms']:.2f} | "
                 f"{row['errors']} |"
             )
         else:
-            print(f"| {name} (in-process) | | {row['samples_per_s']:.1f} | | | | |")
+            print(f"| {name} (in-process) | | {row['samples_per_s']:.1f} | | | | | |")
     for check, value in checks.items():
         print(f"{check}: {value}" if isinstance(value, bool) else f"{check}: {value:.2f}")
     report = {
@@ -530,6 +549,9 @@ def main(argv: list[str] | None = None) -> None:
     load.add_argument("--model", required=True, help="model name on the v2 path")
     load.add_argument("--allow-remote", action="store_true")
     load.add_argument("--max-requests", type=int, default=100_000)
+    load.add_argument(
+        "--server-pid", type=int, help="local server process: also its event loop's CPU/request"
+    )
 
     floor = sub.add_parser("floor", help="in-process tokenize + forward")
     floor.add_argument("--model-dir", help="HF dir (default: MiniLM-L6 with a 3-label head)")
@@ -598,6 +620,7 @@ def main(argv: list[str] | None = None) -> None:
                 warmup=args.warmup,
                 texts_per_request=args.texts_per_request,
                 max_requests=args.max_requests,
+                loop_pid=args.server_pid,
             )
         )
         _print_load(args.model, result)
