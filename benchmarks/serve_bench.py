@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import math
 import os
 import shlex
 import statistics
@@ -177,14 +178,17 @@ async def run_load(
         end_warmup = time.perf_counter() + warmup
         await asyncio.gather(*(worker(session, w, end_warmup, False) for w in range(concurrency)))
         sent = 0
-        loop_ticks = _thread_ticks(loop_pid)
+        loop_began = _thread_ticks(loop_pid)
         began = time.perf_counter()
         until = began + duration
         await asyncio.gather(*(worker(session, w, until, True) for w in range(concurrency)))
         seconds = time.perf_counter() - began
-        loop_ticks = _thread_ticks(loop_pid) - loop_ticks
+        loop_ended = _thread_ticks(loop_pid)
     p50, p95, p99 = np.percentile(latencies, [50, 95, 99]) if latencies else (np.nan,) * 3
-    loop_cpu_ms = loop_ticks / _TICK * 1000 / len(latencies) if loop_pid and latencies else np.nan
+    answered = len(latencies) + errors
+    loop_cpu_ms = np.nan
+    if loop_began is not None and loop_ended is not None and answered:
+        loop_cpu_ms = (loop_ended - loop_began) / _TICK * 1000 / answered
     return LoadResult(
         len(latencies), errors, seconds, texts_per_request, p50, p95, p99, first_error, loop_cpu_ms
     )
@@ -247,24 +251,24 @@ def _machine_ticks() -> tuple[int, int]:
     return sum(fields) - idle, sum(fields)
 
 
-def _stat_ticks(path: str) -> int:
-    """CPU ticks (user + system) of a /proc `stat` file; 0 when it cannot be read."""
+def _stat_ticks(path: str) -> int | None:
+    """CPU ticks (user + system) of a /proc `stat` file; None when it cannot be read."""
     try:
         stat = Path(path).read_text()
     except OSError:
-        return 0
+        return None
     fields = stat[stat.rindex(")") + 2 :].split()
     return int(fields[11]) + int(fields[12])
 
 
 def _process_ticks(pids: list[int]) -> int:
     """CPU ticks (user + system, all threads) used so far by ``pids``."""
-    return sum(_stat_ticks(f"/proc/{pid}/stat") for pid in pids)
+    return sum(_stat_ticks(f"/proc/{pid}/stat") or 0 for pid in pids)
 
 
-def _thread_ticks(pid: int | None) -> int:
-    """CPU ticks used so far by the main thread of ``pid`` (0 for None)."""
-    return _stat_ticks(f"/proc/{pid}/task/{pid}/stat") if pid else 0
+def _thread_ticks(pid: int | None) -> int | None:
+    """CPU ticks used so far by the main thread of ``pid``; None without one."""
+    return _stat_ticks(f"/proc/{pid}/task/{pid}/stat") if pid else None
 
 
 class OtherLoad:
@@ -383,8 +387,8 @@ def _print_load(label: str, r: LoadResult, other_cores: float | None = None) -> 
         f"{label:<22} {r.rps:8.1f} req/s {r.samples_per_s:8.1f} samples/s  "
         f"p50 {r.p50 * 1000:7.1f} ms  p95 {r.p95 * 1000:7.1f} ms  p99 {r.p99 * 1000:7.1f} ms  "
         f"errors {r.errors}"
-        + (f"  loop {r.loop_cpu_ms:.2f} ms CPU/req" if r.loop_cpu_ms == r.loop_cpu_ms else "")
         + (f" (first: {r.first_error})" if r.errors else "")
+        + ("" if math.isnan(r.loop_cpu_ms) else f"  loop {r.loop_cpu_ms:.2f} ms CPU/req")
         + (f"  (others: {other_cores:.2f} cores)" if other_cores is not None else ""),
         flush=True,
     )
@@ -550,7 +554,10 @@ def main(argv: list[str] | None = None) -> None:
     load.add_argument("--allow-remote", action="store_true")
     load.add_argument("--max-requests", type=int, default=100_000)
     load.add_argument(
-        "--server-pid", type=int, help="local server process: also its event loop's CPU/request"
+        "--server-pid",
+        type=int,
+        help="the local server's process: also its event loop's (main thread's) CPU per "
+        "request; meaningless with --workers > 1 or a launcher in between",
     )
 
     floor = sub.add_parser("floor", help="in-process tokenize + forward")

@@ -101,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve a fineserve text classifier with KServe (v1/v2 REST, v2 gRPC).",
     )
     parser.add_argument("--model_dir", required=True, help="HF directory (or an MLflow model).")
-    parser.set_defaults(enable_latency_logging=False)  # 3 log lines a request; /metrics has them
+    # 3 log lines a request; /metrics has the latencies. (The option object is KServe's own,
+    # shared with its module parser, which has parsed sys.argv already at import.)
+    parser.set_defaults(enable_latency_logging=False)
     _add_knobs(parser, "_")
     return parser
 

@@ -59,10 +59,11 @@ class FineserveModelServer(ModelServer):
 
         KServe's own settings of the loop are made in `_serve`, on the loop that runs.
         """
-        logger.info("event loop: %s", use_event_loop(self.event_loop))
+        use_event_loop(self.event_loop)
 
     async def _serve(self) -> None:
         super().setup_event_loop()  # exception handler, default executor: on the running loop
+        logger.info("event loop: %s", type(asyncio.get_running_loop()).__module__.split(".")[0])
         await super()._serve()
 
     def _served_version(self, model_name: str) -> str | None:
@@ -75,6 +76,7 @@ def use_event_loop(kind: str) -> str:
     """Make `asyncio.run` use the loop ``kind`` names (uvicorn's choices); the one it will use.
 
     ``auto`` means uvloop where it is installed (it is in the image), else asyncio's own.
+    (Event-loop policies are deprecated from Python 3.14; the image runs 3.11.)
     """
     if kind not in ("auto", "asyncio", "uvloop"):
         raise ValueError(f"--event-loop must be auto, asyncio or uvloop, not {kind!r}")
@@ -94,8 +96,9 @@ def use_event_loop(kind: str) -> str:
 def wrap_middleware(app: FastAPI, *, latency_logging: bool) -> None:
     """Count and time every request of both protocols (`fineserve_requests_total`, ...).
 
-    Without ``latency_logging`` KServe's timing middleware goes: its only effect is two log
-    lines per request, and a `getrusage` call either side of it, on the event loop.
+    Without ``latency_logging`` every `TimingMiddleware` goes (KServe's, or one added): its
+    only effect is two log lines per request, and a `getrusage` call either side of it, on
+    the event loop. KServe's Prometheus latency histograms do not depend on it.
     """
     build_stack = app.build_middleware_stack
 

@@ -542,11 +542,12 @@ def test_the_event_loop_asked_for_is_the_one_that_runs(kind, module):
     async def running_loop_module() -> str:
         return type(asyncio.get_running_loop()).__module__
 
+    before = asyncio.get_event_loop_policy()
     try:
         assert use_event_loop(kind) == module
         assert asyncio.run(running_loop_module()).split(".")[0] == module
     finally:
-        asyncio.set_event_loop_policy(None)
+        asyncio.set_event_loop_policy(before)
     with pytest.raises(ValueError, match="--event-loop"):
         use_event_loop("trio")
 
