@@ -24,7 +24,7 @@ from fineserve.serving.entrypoint import (
 )
 from fineserve.serving.model_uri import find_hf_dir, resolve_model_dir
 from fineserve.serving.server import use_event_loop, wrap_middleware
-from fineserve.serving.unpad import UnpaddedLinears
+from fineserve.serving.unpad import UnpaddedLinears, feed_forward_pairs
 
 
 @pytest.fixture(scope="module")
@@ -299,15 +299,42 @@ def test_unpadded_linears_multiply_real_tokens_only_and_keep_the_outputs(
     monkeypatch.setattr(
         torch.nn.functional, "linear", lambda x, *a: rows.append(x.shape[0]) or linear(x, *a)
     )
+    pairs = feed_forward_pairs(plain.model)
+    assert len(pairs) == plain.model.config.num_hidden_layers  # intermediate -> output, each layer
+    between: list[torch.Size] = []  # what the activation hands the second Linear of each pair
+    hooks = [second.register_forward_pre_hook(lambda m, a: between.append(a[0].shape))
+             for _, second in pairs]  # fmt: skip
     with torch.inference_mode(), unpadded.tokens(batch["attention_mask"], plain.device):
         got = plain.model(**batch).logits
     real_tokens = int(batch["attention_mask"].sum())
     assert real_tokens < batch["attention_mask"].numel()  # the batch does have padding
     per_token = [n for n in rows if n != len(texts)]  # the pooler and head see one row per text
     assert per_token and set(per_token) == {real_tokens}
+    # the feed-forward stays packed: real rows only, never scattered into the padded layout
+    intermediate = plain.model.config.intermediate_size
+    assert between == [torch.Size([real_tokens, intermediate])] * len(pairs)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    for hook in hooks:
+        hook.remove()
     unpadded.remove()
     assert all("forward" not in vars(m) for m in plain.model.modules())
+
+
+def test_a_feed_forward_that_refuses_packed_rows_runs_padded(tiny_classifier, monkeypatch, caplog):
+    from transformers.models.bert import modeling_bert
+
+    def three_dimensional_only(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.dense(hidden_states).transpose(1, 2).transpose(1, 2)
+        return self.intermediate_act_fn(hidden_states)
+
+    monkeypatch.setattr(modeling_bert.BertIntermediate, "forward", three_dimensional_only)
+    classifier = TextClassifier(tiny_classifier, device="cpu")
+    assert classifier.unpadded is None
+    assert "skipping padding failed" in caplog.text and "running padded passes" in caplog.text
+    assert all("forward" not in vars(m) for m in classifier.model.modules())
+    texts = ["good", "a much longer text that needs padding on the others"]
+    plain = TextClassifier(tiny_classifier, device="cpu", unpad="off")
+    np.testing.assert_allclose(classifier.predict_proba(texts), plain.predict_proba(texts))
 
 
 def test_unpadded_linears_keep_each_threads_mask_apart(tiny_classifier):
