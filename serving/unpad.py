@@ -52,7 +52,7 @@ class UnpaddedLinears:
         for linear in self.linears:
             linear.forward = self._forward_of(linear)
         for first, second in feed_forward_pairs(model):
-            first.forward = self._packed_out(first)
+            first.forward = self._packed_out(first, first.forward)
             second.forward = self._packed_in(second, second.forward)
 
     def remove(self) -> None:
@@ -73,31 +73,34 @@ class UnpaddedLinears:
         finally:
             self._local.rows = None
 
+    def _padded_rows(self, x: torch.Tensor) -> tuple[tuple[int, int], torch.Tensor] | None:
+        """((batch, length), real-row index) if ``x`` is the current batch's padded layout."""
+        rows = getattr(self._local, "rows", None)
+        if rows is None or x.dim() != 3 or tuple(x.shape[:2]) != rows[0]:
+            return None
+        return rows
+
     def _forward_of(self, linear: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-        local = self._local
         own = functools.partial(type(linear).forward, linear)  # plain or int8 (dynamic)
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            rows = getattr(local, "rows", None)
-            if rows is None or x.dim() != 3 or tuple(x.shape[:2]) != rows[0]:
+            rows = self._padded_rows(x)
+            if rows is None:
                 return own(x)
             (batch, length), index = rows
-            real = own(x.reshape(batch * length, -1).index_select(0, index))
-            return _scatter(real, index, batch, length)
+            return _scatter(own(_gather(x, index)), index, batch, length)
 
         return forward
 
-    def _packed_out(self, linear: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _packed_out(
+        self, linear: nn.Module, padded: Callable[[torch.Tensor], torch.Tensor]
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
         """The first Linear of a feed-forward pair: its real rows only, [real tokens, out]."""
-        local, padded = self._local, self._forward_of(linear)
         own = functools.partial(type(linear).forward, linear)
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            rows = getattr(local, "rows", None)
-            if rows is None or x.dim() != 3 or tuple(x.shape[:2]) != rows[0]:
-                return padded(x)
-            (batch, length), index = rows
-            return own(x.reshape(batch * length, -1).index_select(0, index))
+            rows = self._padded_rows(x)
+            return padded(x) if rows is None else own(_gather(x, rows[1]))
 
         return forward
 
@@ -116,6 +119,11 @@ class UnpaddedLinears:
             return _scatter(own(x), index, batch, length)
 
         return forward
+
+
+def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The real tokens' rows of a padded [batch, length, features] tensor."""
+    return x.reshape(-1, x.shape[-1]).index_select(0, index)
 
 
 def _scatter(real: torch.Tensor, index: torch.Tensor, batch: int, length: int) -> torch.Tensor:
