@@ -14,6 +14,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from fineserve.core.artifacts import ModelInfo, read_model_info, read_probe_texts
 from fineserve.core.errors import DataError
+from fineserve.serving import compiled as compiling
 from fineserve.serving import pooling  # noqa: F401  (registers the mean-pooling head with the Auto classes)
 from fineserve.serving import precision as precisions
 from fineserve.serving.precision import ProbeResult, ProbeSettings
@@ -40,6 +41,10 @@ GPU_BATCH_TOKENS = 16384
 
 class ModelDirError(ValueError):
     """The model directory is missing or is not a servable fineserve classifier."""
+
+
+class CompileError(Exception):
+    """``--compile on`` was asked for, but torch.compile fails here."""
 
 
 def pick_device(device: str) -> torch.device:
@@ -148,6 +153,7 @@ class TextClassifier:
         max_batch_tokens: int = 0,
         threads: int = 0,
         unpad: str = "auto",
+        compile: str = "auto",  # noqa: A002  (the --compile flag)
         model_version: str | None = None,
         probe: ProbeSettings | None = None,
     ) -> None:
@@ -160,6 +166,9 @@ class TextClassifier:
         if threads and self.device.type == "cpu":
             torch.set_num_threads(threads)  # process-wide: intra-op threads of every pass
         target, self.precision_reason = precisions.choose(dtype, self.device)
+        compiling.wanted(compile, target, self.device)  # validates the mode before the load
+        self.compile_mode = compile
+        self.compiled = False
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens or default_batch_tokens(self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
@@ -180,7 +189,9 @@ class TextClassifier:
         self.unpadded: UnpaddedLinears | None = None
         if target != "float32":
             self._reduce_precision(target, dtype == "auto", probe or ProbeSettings())
-        if unpad == "auto":
+        if self.precision == "float32":  # a reduced one was compiled before its probe
+            self._compile_if_wanted()
+        if unpad == "auto" and not self.compiled:
             self._skip_padding_if_outputs_agree()
 
     @property
@@ -210,16 +221,14 @@ class TextClassifier:
                 self.precision_reason = f"{self.precision_reason}, but {why}: float32"
                 logger.warning("%s: serving float32 (%s)", self.model_dir, self.precision_reason)
                 return
-            self.model = precisions.reduce(self.model, target)
-            self.precision = target
+            self._serve_in(target)
             self.precision_reason = f"{self.precision_reason}, unchecked ({why})"
             if probe.texts:
                 logger.warning("%s: serving %s unchecked: %s", self.model_dir, target, why)
             return
         reference = self.predict_proba(texts)
         try:
-            self.model = precisions.reduce(self.model, target)
-            self.precision = target
+            self._serve_in(target)
             candidate = self.predict_proba(texts)
             self.probe = precisions.compare(reference, candidate, probe, target)
             failure = "" if self.probe.passed else (
@@ -237,6 +246,36 @@ class TextClassifier:
         self.model = None  # free the reduced model before loading float32 again
         self.model = self._load_float32()
         self.precision = "float32"
+        self.compiled = False
+
+    def _serve_in(self, precision: str) -> None:
+        """Convert the float32 model to ``precision`` (and compile it if --compile says so)."""
+        self.model = precisions.reduce(self.model, precision)
+        self.precision = precision
+        self._compile_if_wanted()
+
+    def _compile_if_wanted(self) -> None:
+        """Compile the model if --compile asks for it in this precision; warm both graphs up.
+
+        The warm-up compiles the single-text graph and the dynamic one, so no request waits
+        for a compiler. If that fails, auto serves eager passes with a WARNING.
+        """
+        if not compiling.wanted(self.compile_mode, self.precision, self.device):
+            return
+        eager = self.model
+        self.model = compiling.compile_model(eager)
+        try:
+            self.predict_proba(["warm-up"])
+            self.predict_proba(["warm-up", "a warm-up pass of two texts"])
+        except Exception as exc:  # noqa: BLE001  (no compiler, an op inductor lacks, ...)
+            self.model = eager
+            if self.compile_mode == "on":
+                raise CompileError(f"--compile on, but torch.compile fails here: {exc}") from exc
+            logger.warning(
+                "%s: serving eager passes: torch.compile failed (%s)", self.model_dir, exc
+            )
+            return
+        self.compiled = True
 
     def _skip_padding_if_outputs_agree(self) -> None:
         """Skip padding in Linear layers unless that changes a probe batch's probabilities."""

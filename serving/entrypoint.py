@@ -6,6 +6,7 @@ import argparse
 from dataclasses import fields
 from pathlib import Path
 
+from fineserve.serving.compiled import COMPILE_MODES
 from fineserve.serving.engine import UNPAD_MODES
 from fineserve.serving.precision import PRECISIONS
 from fineserve.serving.predictor import ServeOptions
@@ -83,6 +84,14 @@ def _add_knobs(parser: argparse.ArgumentParser, sep: str) -> None:
         choices=UNPAD_MODES,
         default="auto",
         help="auto: Linear layers skip padding rows when a load-time check shows equal outputs.",
+    )
+    group.add_argument(
+        "--compile",
+        choices=COMPILE_MODES,
+        default="auto",
+        help="auto: torch.compile (inductor, frozen weights) a model served in bfloat16 on a "
+        "CPU, eager if compiling fails; on: compile in any precision, refuse to load if it "
+        "fails; off: eager. Compiling takes 20-40 s at load; compiled passes run padded.",
     )
 
 

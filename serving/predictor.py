@@ -13,6 +13,7 @@ from kserve.protocol.infer_type import InferRequest, InferResponse
 
 from fineserve.serving import protocol
 from fineserve.serving.batcher import DynamicBatcher
+from fineserve.serving.compiled import COMPILE_MODES
 from fineserve.serving.engine import UNPAD_MODES, TextClassifier, pick_device, plan_workers
 from fineserve.serving.memory import IdleMemoryTrimmer
 from fineserve.serving.precision import PRECISIONS, ProbeSettings
@@ -36,6 +37,7 @@ class ServeOptions:
     probe_max_probability_diff: float = 0.1  # most a probability may move on the probe
     probe_tie_margin: float = 0.02  # class changes between classes this close are near-ties
     unpad: str = "auto"  # auto: Linear layers skip padding rows if a load-time check agrees
+    compile: str = "auto"  # auto: torch.compile bfloat16 on a CPU (see fineserve.serving.compiled)
     enable_model_repository: bool = False  # allow load/unload over HTTP and gRPC
 
     def __post_init__(self) -> None:
@@ -49,6 +51,8 @@ class ServeOptions:
             raise ValueError("max_batch_wait_ms must not be negative")
         if self.unpad not in UNPAD_MODES:
             raise ValueError(f"unpad must be one of {UNPAD_MODES}, not {self.unpad!r}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES}, not {self.compile!r}")
         if self.max_request_bytes < 1024:
             raise ValueError("max_request_bytes must be at least 1024")
         if self.dtype not in PRECISIONS:
@@ -97,6 +101,7 @@ class TextClassifierModel(Model):
             max_batch_tokens=opts.max_batch_tokens,
             threads=threads,
             unpad=opts.unpad,
+            compile=opts.compile,
             model_version=self.model_version,
             probe=opts.probe,
         )
@@ -120,7 +125,7 @@ class TextClassifierModel(Model):
         )
         logger.info(
             "loaded %s (version %s, %d labels, max_length %d) on %s in %s (%s); batches of "
-            "up to %d texts (%d padded tokens), %d forward worker(s) x %d thread(s), padding "
+            "up to %d texts (%d padded tokens), %d forward worker(s) x %d thread(s), %s, padding "
             "rows %s",
             self.model_dir,
             self.classifier.model_version,
@@ -133,6 +138,7 @@ class TextClassifierModel(Model):
             self.classifier.max_batch_tokens,
             workers,
             torch.get_num_threads(),
+            "compiled (torch.compile)" if self.classifier.compiled else "eager",
             "padded" if self.classifier.unpadded is None else "skipped in Linear layers",
         )
         self.ready = True

@@ -15,10 +15,11 @@ from serving_helpers import ServerProcess, serve_module_argv, v2_body
 from transformers import AutoModelForSequenceClassification
 
 from fineserve.core.artifacts import PROBE_FILE, write_probe
-from fineserve.serving import precision
-from fineserve.serving.engine import TextClassifier
+from fineserve.serving import compiled, precision
+from fineserve.serving.engine import CompileError, TextClassifier
 from fineserve.serving.entrypoint import add_serve_arguments, options_from_args
 from fineserve.serving.precision import ProbeSettings, compare
+from fineserve.serving.predictor import ServeOptions
 
 CPU = torch.device("cpu")
 
@@ -215,6 +216,92 @@ def test_int8_quantizes_the_linear_layers_and_keeps_skipping_padding(decisive_mo
     assert (served.argmax(1) == reference.argmax(1)).mean() >= 0.99
 
 
+# --- compiled passes (--compile) -----------------------------------------------------------------
+
+
+def test_auto_compiles_bfloat16_on_a_cpu_only():
+    assert compiled.wanted("auto", "bfloat16", CPU)
+    assert not compiled.wanted("auto", "float32", CPU)  # no faster than skipping padding
+    assert not compiled.wanted("auto", "int8", CPU)
+    assert not compiled.wanted("auto", "bfloat16", torch.device("cuda"))
+    assert compiled.wanted("on", "float32", CPU) and not compiled.wanted("off", "bfloat16", CPU)
+
+
+def test_compile_is_validated_by_the_command_line_the_options_and_the_engine(tiny_classifier):
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model-dir", "x", "--compile", "fast"])
+    assert options_from_args(parser.parse_args(["--model-dir", "x"])).compile == "auto"
+    with pytest.raises(ValueError, match="compile must be one of"):
+        ServeOptions(compile="fast")
+    with pytest.raises(ValueError, match="unknown --compile 'fast'"):
+        TextClassifier(tiny_classifier, compile="fast")
+
+
+def test_auto_serves_bfloat16_compiled_answering_like_eager_with_no_compile_after_load(
+    decisive_model, probe_texts, native_bf16
+):
+    from torch._dynamo.utils import counters
+
+    native_bf16(True)
+    eager = TextClassifier(decisive_model, device="cpu", dtype="auto", compile="off")
+    classifier = TextClassifier(decisive_model, device="cpu", dtype="auto")
+    assert classifier.precision == "bfloat16" and classifier.compiled
+    assert classifier.probe.passed  # the probe judged the compiled model's answers
+    assert classifier.unpadded is None  # compiled passes run padded
+    graphs = counters["stats"]["unique_graphs"]
+    one = classifier.predict_proba(probe_texts[:1])
+    served = classifier.predict_proba(probe_texts)  # passes of many sizes and lengths
+    assert counters["stats"]["unique_graphs"] == graphs  # the warm-up compiled them all
+    expected = eager.predict_proba(probe_texts)
+    assert (served.argmax(1) == expected.argmax(1)).all()
+    np.testing.assert_allclose(served, expected, atol=0.02)
+    np.testing.assert_allclose(one, served[:1], atol=0.02)
+
+
+class _Uncompilable(torch.nn.Module):
+    """What torch.compile gives where inductor cannot build: it fails on its first pass."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.eager = model
+
+    def forward(self, **batch):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+
+def test_when_compiling_fails_auto_serves_eager_with_a_warning_and_on_refuses(
+    decisive_model, probe_texts, native_bf16, monkeypatch, caplog
+):
+    native_bf16(True)
+    monkeypatch.setattr(compiled, "compile_model", _Uncompilable)
+    with caplog.at_level(logging.WARNING, logger="fineserve.serving.engine"):
+        classifier = TextClassifier(decisive_model, device="cpu", dtype="auto")
+    assert "serving eager passes: torch.compile failed (InvalidCxxCompiler" in caplog.text
+    assert classifier.precision == "bfloat16" and not classifier.compiled
+    assert classifier.probe.passed and classifier.unpadded is not None
+    assert classifier.predict_proba(probe_texts[:3]).shape == (3, 3)
+    with pytest.raises(CompileError, match="--compile on, but torch.compile fails here"):
+        TextClassifier(decisive_model, device="cpu", dtype="float32", compile="on")
+
+
+def test_a_compiled_model_that_answers_differently_fails_the_probe(
+    decisive_model, probe_texts, native_bf16, monkeypatch
+):
+    native_bf16(True)
+
+    def miscompiled(model):  # a compiler bug: one layer's weights come out wrong
+        with torch.no_grad():
+            model.classifier.weight.mul_(-1.0)
+        return model
+
+    monkeypatch.setattr(compiled, "compile_model", miscompiled)
+    classifier = TextClassifier(decisive_model, device="cpu", dtype="auto")
+    assert classifier.precision == "float32" and not classifier.compiled
+    assert "the probe failed" in classifier.precision_reason
+
+
 # --- what the server reports --------------------------------------------------------------------
 
 
@@ -238,7 +325,9 @@ def test_the_server_reports_its_precision_in_metadata_logs_and_metrics(
     (agreement,) = families["fineserve_precision_probe_agreement"].samples
     assert agreement.value == 1.0 and agreement.labels["precision"] == "bfloat16"
     assert "fineserve_precision_probe_max_probability_diff" in families
-    assert "in bfloat16 (asked for; probe: 100.00% of 128 probe texts" in log_path.read_text()
+    log = log_path.read_text()
+    assert "in bfloat16 (asked for; probe: 100.00% of 128 probe texts" in log
+    assert "compiled (torch.compile), padding rows padded" in log
 
 
 def test_a_server_whose_probe_fails_serves_float32_and_logs_a_warning(decisive_model, tmp_path):

@@ -1,0 +1,39 @@
+"""Compiled forward passes: torch.compile (inductor) with frozen weights, where it pays.
+
+`--compile auto` compiles a model served in bfloat16 on a CPU: there the eager passes spend
+much of their time between oneDNN's matrix products (layer norms, GELU, residual adds, the
+attention's small kernels, and Python between ops), which inductor fuses into a few C++
+kernels. Measured on MiniLM-L6 passes as served (docs/benchmarks.md): bfloat16 1.4x eager;
+float32 no faster than eager with padding skipped, so auto leaves float32 eager. `on`
+compiles whatever is served; `off` never compiles. Shapes are dynamic (one graph for every
+batch size and length, plus one for single-text passes), compiled and checked at load; a
+compiled model runs padded passes (the padding skip's hooks are Python-side).
+
+Compiling needs a C++ compiler at run time (the image has one). If it fails, auto serves
+eager with a WARNING and ``on`` refuses to load.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+#: What --compile accepts.
+COMPILE_MODES = ("auto", "on", "off")
+
+
+def wanted(mode: str, precision: str, device: torch.device) -> bool:
+    """Whether ``mode`` compiles a model served in ``precision`` on ``device``."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"unknown --compile {mode!r}; choose one of {', '.join(COMPILE_MODES)}")
+    if mode == "auto":
+        return device.type == "cpu" and precision == "bfloat16"
+    return mode == "on"
+
+
+def compile_model(model: nn.Module) -> nn.Module:
+    """``model`` behind torch.compile: inductor, weights frozen into the graph, shapes dynamic.
+
+    Compiling is lazy: the first pass of each kind (one text, several) compiles it.
+    """
+    return torch.compile(model, dynamic=True, options={"freezing": True})
