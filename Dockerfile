@@ -71,12 +71,15 @@ ARG APP_UID=10001
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
+# g++ (and Python's headers): the predictor's `--compile auto` has torch.compile build its
+# C++ kernels at load. python slim bases carry the headers; distro pythons need python3-dev.
 # hadolint ignore=DL3008
-RUN if ! command -v python3 >/dev/null; then \
-        apt-get update \
-        && apt-get install -y --no-install-recommends python3 \
-        && rm -rf /var/lib/apt/lists/*; \
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ \
+    && if ! command -v python3 >/dev/null; then \
+        apt-get install -y --no-install-recommends python3 python3-dev; \
     fi \
+    && rm -rf /var/lib/apt/lists/* \
     && useradd --uid "${APP_UID}" --gid 0 --create-home --home-dir /home/fineserve \
         --shell /bin/bash fineserve \
     && mkdir -p /home/fineserve/.cache/huggingface \

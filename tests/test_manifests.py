@@ -183,6 +183,15 @@ def test_predictor_probes_use_the_v2_health_endpoints_on_the_served_port(base):
         assert get["port"] == 8080, f"{probe} port {get['port']} is not the container port 8080"
 
 
+def test_liveness_waits_for_a_load_that_compiles(base):
+    """Load, probe and torch.compile take 30-90 s: the kubelet must not restart the pod."""
+    container = predictor_container(base)
+    startup = container.get("startupProbe", {})
+    assert startup.get("httpGet", {}).get("path") == "/v2/health/live"
+    allowed = startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3)
+    assert allowed >= 180, f"the startup probe gives a loading model {allowed} s, not >= 180"
+
+
 def test_predictor_has_resources_and_concurrency_autoscaling(base):
     predictor = one(base, "InferenceService")["spec"]["predictor"]
     resources = predictor_container(base)["resources"]
