@@ -405,6 +405,7 @@ def compare(args: argparse.Namespace) -> dict:
     """Batching on vs off (and any --variant) vs the floor, interleaved over ``--rounds``."""
     texts = corpus_texts()
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="serve-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
     model_dir = Path(args.model_dir) if args.model_dir else minilm_classifier(work / "minilm-3")
     common = ["--device", "cpu", *args.server_arg]
     variants = {
