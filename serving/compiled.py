@@ -3,8 +3,8 @@
 `--compile auto` compiles a model served in bfloat16 on a CPU: there the eager passes spend
 much of their time between oneDNN's matrix products (layer norms, GELU, residual adds, the
 attention's small kernels, and Python between ops), which inductor fuses into a few C++
-kernels. Measured on MiniLM-L6 passes as served (docs/benchmarks.md): bfloat16 1.4x eager;
-float32 no faster than eager with padding skipped, so auto leaves float32 eager. `on`
+kernels. Measured on MiniLM-L6 passes as served (docs/benchmarks.md): bfloat16 1.17x eager
+with padding skipped (1.4x eager padded); float32 0.94x, so auto leaves float32 eager. `on`
 compiles whatever is served; `off` never compiles. Shapes are dynamic (one graph for every
 batch size and length, plus one for single-text passes), compiled and checked at load; a
 compiled model runs padded passes (the padding skip's hooks are Python-side).
