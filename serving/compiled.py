@@ -15,6 +15,8 @@ eager with a WARNING and ``on`` refuses to load.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -37,3 +39,18 @@ def compile_model(model: nn.Module) -> nn.Module:
     Compiling is lazy: the first pass of each kind (one text, several) compiles it.
     """
     return torch.compile(model, dynamic=True, options={"freezing": True})
+
+
+def compiling_allowed() -> contextlib.AbstractContextManager:
+    """Within: a pass that no compiled graph fits compiles one (a load's warm-up)."""
+    return torch.compiler.set_stance("default")
+
+
+def no_compiling_while_serving() -> None:
+    """From now on a pass that no compiled graph fits runs eager instead of compiling.
+
+    A compile in a forward worker would hold its requests for seconds, and dynamo and inductor
+    are not thread-safe. The setting is the process's: a later load compiles its warm-up
+    within `compiling_allowed`.
+    """
+    torch.compiler.set_stance("eager_on_recompile")

@@ -44,7 +44,7 @@ class ModelDirError(ValueError):
 
 
 class CompileError(Exception):
-    """``--compile on`` was asked for, but torch.compile fails here."""
+    """``--compile on`` was asked for, but torch.compile fails on a model that runs eager."""
 
 
 def pick_device(device: str) -> torch.device:
@@ -189,8 +189,8 @@ class TextClassifier:
         self.unpadded: UnpaddedLinears | None = None
         if target != "float32":
             self._reduce_precision(target, dtype == "auto", probe or ProbeSettings())
-        if self.precision == "float32":  # a reduced one was compiled before its probe
-            self._compile_if_wanted()
+        if self.precision == "float32":  # float32 from the start or after a failed probe
+            self._compile_if_wanted()  # (a reduced precision was compiled before its probe)
         if unpad == "auto" and not self.compiled:
             self._skip_padding_if_outputs_agree()
 
@@ -258,15 +258,18 @@ class TextClassifier:
         """Compile the model if --compile asks for it in this precision; warm both graphs up.
 
         The warm-up compiles the single-text graph and the dynamic one, so no request waits
-        for a compiler. If that fails, auto serves eager passes with a WARNING.
+        for a compiler; after it, a pass no graph fits runs eager rather than compile in a
+        worker. If compiling fails, auto serves eager passes with a WARNING.
         """
         if not compiling.wanted(self.compile_mode, self.precision, self.device):
             return
+        self.predict_proba(["warm-up"])  # eager first: a precision without kernels fails as such
         eager = self.model
         self.model = compiling.compile_model(eager)
         try:
-            self.predict_proba(["warm-up"])
-            self.predict_proba(["warm-up", "a warm-up pass of two texts"])
+            with compiling.compiling_allowed():
+                self.predict_proba(["warm-up"])
+                self.predict_proba(["warm-up", "a warm-up pass of two texts"])
         except Exception as exc:  # noqa: BLE001  (no compiler, an op inductor lacks, ...)
             self.model = eager
             if self.compile_mode == "on":
@@ -275,6 +278,7 @@ class TextClassifier:
                 "%s: serving eager passes: torch.compile failed (%s)", self.model_dir, exc
             )
             return
+        compiling.no_compiling_while_serving()
         self.compiled = True
 
     def _skip_padding_if_outputs_agree(self) -> None:

@@ -248,12 +248,17 @@ def test_auto_serves_bfloat16_compiled_answering_like_eager_with_no_compile_afte
     eager = TextClassifier(decisive_model, device="cpu", dtype="auto", compile="off")
     classifier = TextClassifier(decisive_model, device="cpu", dtype="auto")
     assert classifier.precision == "bfloat16" and classifier.compiled
-    assert classifier.probe.passed  # the probe judged the compiled model's answers
+    assert classifier.probe.passed
     assert classifier.unpadded is None  # compiled passes run padded
     graphs = counters["stats"]["unique_graphs"]
     one = classifier.predict_proba(probe_texts[:1])
     served = classifier.predict_proba(probe_texts)  # passes of many sizes and lengths
     assert counters["stats"]["unique_graphs"] == graphs  # the warm-up compiled them all
+    # a pass no graph fits (here: another argument) runs eager instead of compiling in a worker
+    batch = classifier.tokenizer(probe_texts[:3], padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        outputs = classifier.model(**batch, output_hidden_states=True)
+    assert outputs.hidden_states and counters["stats"]["unique_graphs"] == graphs
     expected = eager.predict_proba(probe_texts)
     assert (served.argmax(1) == expected.argmax(1)).all()
     np.testing.assert_allclose(served, expected, atol=0.02)
@@ -282,8 +287,30 @@ def test_when_compiling_fails_auto_serves_eager_with_a_warning_and_on_refuses(
     assert classifier.precision == "bfloat16" and not classifier.compiled
     assert classifier.probe.passed and classifier.unpadded is not None
     assert classifier.predict_proba(probe_texts[:3]).shape == (3, 3)
-    with pytest.raises(CompileError, match="--compile on, but torch.compile fails here"):
-        TextClassifier(decisive_model, device="cpu", dtype="float32", compile="on")
+    for dtype in ("float32", "bfloat16"):  # not a reduced precision's fallback to float32
+        with pytest.raises(CompileError, match="--compile on, but torch.compile fails here"):
+            TextClassifier(decisive_model, device="cpu", dtype=dtype, compile="on")
+
+
+def test_a_precision_without_kernels_is_not_blamed_on_the_compiler(
+    decisive_model, monkeypatch, caplog
+):
+    convert = precision.reduce
+
+    def without_kernels(model, name):
+        reduced = convert(model, name)
+
+        def forward(*args, **kwargs):
+            raise RuntimeError(f'"addmm" not implemented for {name}')
+
+        reduced.forward = forward
+        return reduced
+
+    monkeypatch.setattr(precision, "reduce", without_kernels)
+    with caplog.at_level(logging.WARNING, logger="fineserve.serving.engine"):
+        classifier = TextClassifier(decisive_model, device="cpu", dtype="float16", compile="on")
+    assert "float16 does not run here" in caplog.text and "torch.compile" not in caplog.text
+    assert classifier.precision == "float32" and classifier.compiled  # float32, compiled
 
 
 def test_a_compiled_model_that_answers_differently_fails_the_probe(
