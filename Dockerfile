@@ -71,8 +71,9 @@ ARG APP_UID=10001
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
-# g++ (and Python's headers): the predictor's `--compile auto` has torch.compile build its
-# C++ kernels at load. python slim bases carry the headers; distro pythons need python3-dev.
+# g++ (and Python's headers): the predictor's `--compile` has torch.compile build its C++
+# kernels at load (auto: bfloat16 on a CPU; `on` on a GPU too). python slim bases carry the
+# headers; bases without python3 get the distro's python3 and python3-dev.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends g++ \

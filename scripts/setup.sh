@@ -8,15 +8,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# A real Prometheus for the canary-analysis test (Debian package), where this machine allows.
-if ! command -v prometheus >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
-  apt=(apt-get)
+# Debian packages, where this machine allows: a real Prometheus for the canary-analysis test,
+# and g++ for torch.compile (the predictor compiles bfloat16 on a CPU; its tests compile).
+apt_install() {  # PACKAGE COMMAND WHY
+  command -v "$2" >/dev/null 2>&1 && return
+  command -v apt-get >/dev/null 2>&1 || { echo "WARNING: no $1 and no apt-get; $3" >&2; return; }
+  local apt=(apt-get)
   [ "$(id -u)" = 0 ] || apt=(sudo -n apt-get)
   export DEBIAN_FRONTEND=noninteractive
-  "${apt[@]}" install -y -qq prometheus >/dev/null 2>&1 \
-    || { "${apt[@]}" update -qq >/dev/null 2>&1 && "${apt[@]}" install -y -qq prometheus >/dev/null 2>&1; } \
-    || echo "WARNING: could not install prometheus (apt-get install prometheus); the canary analysis test needs it" >&2
-fi
+  "${apt[@]}" install -y -qq "$1" >/dev/null 2>&1 \
+    || { "${apt[@]}" update -qq >/dev/null 2>&1 && "${apt[@]}" install -y -qq "$1" >/dev/null 2>&1; } \
+    || echo "WARNING: could not install $1 (apt-get install $1); $3" >&2
+}
+apt_install prometheus prometheus "the canary analysis test needs it"
+apt_install g++ g++ "torch.compile needs it (the compiled-serving tests)"
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
