@@ -91,7 +91,7 @@ def _add_knobs(parser: argparse.ArgumentParser, sep: str) -> None:
         default="auto",
         help="auto: torch.compile (inductor, frozen weights) a model served in bfloat16 on a "
         "CPU, eager if compiling fails; on: compile in any precision, refuse to load if it "
-        "fails; off: eager. Compiling takes 20-40 s at load; compiled passes run padded.",
+        "fails; off: eager. Compiling adds 15-35 s to the load; compiled passes run padded.",
     )
 
 
