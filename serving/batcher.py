@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -77,7 +77,8 @@ class DynamicBatcher:
     ``max_batch_wait_s`` for more. The runner splits the batch into forward passes (texts of
     similar length together); ``workers`` passes run at once in worker threads, so the event
     loop keeps serving, and each request is answered when its own texts are done. A request is
-    never split across batches. ``max_batch_size=1`` turns batching off.
+    never split across batches. ``max_batch_size=1`` turns batching off. With ``forward``
+    (e.g. child processes' `run`), passes are awaited from it instead of run in the threads.
     """
 
     def __init__(
@@ -88,6 +89,7 @@ class DynamicBatcher:
         max_batch_wait_s: float = 0.005,
         workers: int = 1,
         observer: BatchObserver | None = None,
+        forward: Callable[[Job], Awaitable[np.ndarray]] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -100,6 +102,7 @@ class DynamicBatcher:
         self.max_batch_wait_s = max_batch_wait_s
         self.workers = workers
         self.observer = observer
+        self.forward = forward
         self._queue: asyncio.Queue[_Pending] | None = None
         self._carry: _Pending | None = None
         self._collector: asyncio.Task | None = None
@@ -173,7 +176,11 @@ class DynamicBatcher:
 
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: _Batch, job: Job) -> None:
         try:
-            batch.done(job, await loop.run_in_executor(self._executor, self.runner.run, job))
+            if self.forward is not None:
+                probs = await self.forward(job)
+            else:
+                probs = await loop.run_in_executor(self._executor, self.runner.run, job)
+            batch.done(job, probs)
         except Exception as exc:  # the model failed: the callers of these texts learn why
             batch.fail(exc, job.indices)
         finally:

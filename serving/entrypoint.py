@@ -8,6 +8,7 @@ from pathlib import Path
 
 from fineserve.serving.compiled import COMPILE_MODES
 from fineserve.serving.engine import UNPAD_MODES
+from fineserve.serving.forward_processes import FORWARD_IN
 from fineserve.serving.precision import PRECISIONS
 from fineserve.serving.predictor import ServeOptions
 
@@ -92,6 +93,16 @@ def _add_knobs(parser: argparse.ArgumentParser, sep: str) -> None:
         help="auto: torch.compile (inductor, frozen weights) a model served in bfloat16 on a "
         "CPU, eager if compiling fails; on: compile in any precision, refuse to load if it "
         "fails; off: eager. Compiling adds 15-35 s to the load; compiled passes run padded.",
+    )
+    group.add_argument(
+        f"--forward{sep}in",
+        dest="forward_in",
+        choices=FORWARD_IN,
+        default="auto",
+        help="Where forward passes run. processes: one child process per forward worker, each "
+        "with its own copy of the model, so passes share no GIL with the HTTP event loop "
+        "(more memory, a longer load); threads: worker threads in the server process. auto: "
+        "processes on a CPU, threads on a GPU.",
     )
 
 

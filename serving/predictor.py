@@ -15,6 +15,12 @@ from fineserve.serving import protocol
 from fineserve.serving.batcher import DynamicBatcher
 from fineserve.serving.compiled import COMPILE_MODES
 from fineserve.serving.engine import UNPAD_MODES, TextClassifier, pick_device, plan_workers
+from fineserve.serving.forward_processes import (
+    FORWARD_IN,
+    ForwardProcesses,
+    child_settings,
+    uses_processes,
+)
 from fineserve.serving.memory import IdleMemoryTrimmer
 from fineserve.serving.precision import PRECISIONS, ProbeSettings
 from fineserve.serving.prometheus_metrics import ModelMetrics
@@ -38,6 +44,7 @@ class ServeOptions:
     probe_tie_margin: float = 0.02  # class changes between classes this close are near-ties
     unpad: str = "auto"  # auto: Linear layers skip padding rows if a load-time check agrees
     compile: str = "auto"  # auto: torch.compile bfloat16 on a CPU (see fineserve.serving.compiled)
+    forward_in: str = "auto"  # auto: forward passes in child processes on a CPU, threads on a GPU
     enable_model_repository: bool = False  # allow load/unload over HTTP and gRPC
 
     def __post_init__(self) -> None:
@@ -53,6 +60,8 @@ class ServeOptions:
             raise ValueError(f"unpad must be one of {UNPAD_MODES}, not {self.unpad!r}")
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {COMPILE_MODES}, not {self.compile!r}")
+        if self.forward_in not in FORWARD_IN:
+            raise ValueError(f"forward_in must be one of {FORWARD_IN}, not {self.forward_in!r}")
         if self.max_request_bytes < 1024:
             raise ValueError("max_request_bytes must be at least 1024")
         if self.dtype not in PRECISIONS:
@@ -86,6 +95,7 @@ class TextClassifierModel(Model):
         self.model_version = model_version  # None: from fineserve.json or the environment
         self.classifier: TextClassifier | None = None
         self.batcher: DynamicBatcher | None = None
+        self.processes: ForwardProcesses | None = None
         self.metrics: ModelMetrics | None = None
         self.memory = IdleMemoryTrimmer()
 
@@ -106,6 +116,9 @@ class TextClassifierModel(Model):
             probe=opts.probe,
         )
         self.classifier.predict_proba(["warm-up"])
+        if uses_processes(opts.forward_in, self.classifier.device.type):
+            self.processes = ForwardProcesses(child_settings(self.classifier, threads), workers)
+            self.processes.start()  # each child loads the model as decided above
         gc.collect()
         gc.freeze()  # the loaded libraries' objects: no full-GC pauses walking them under load
         self.metrics = ModelMetrics(
@@ -122,10 +135,11 @@ class TextClassifierModel(Model):
             max_batch_wait_s=opts.max_batch_wait_ms / 1000,
             workers=workers,
             observer=self.metrics.observe_batch,
+            forward=None if self.processes is None else self.processes.run,
         )
         logger.info(
             "loaded %s (version %s, %d labels, max_length %d) on %s in %s (%s); batches of "
-            "up to %d texts (%d padded tokens), %d forward worker(s) x %d thread(s), %s, padding "
+            "up to %d texts (%d padded tokens), %d forward %s x %d thread(s), %s, padding "
             "rows %s",
             self.model_dir,
             self.classifier.model_version,
@@ -137,12 +151,20 @@ class TextClassifierModel(Model):
             opts.max_batch_size,
             self.classifier.max_batch_tokens,
             workers,
+            "thread(s)" if self.processes is None else "process(es)",
             torch.get_num_threads(),
             "compiled (torch.compile)" if self.classifier.compiled else "eager",
             "padded" if self.classifier.unpadded is None else "skipped in Linear layers",
         )
         self.ready = True
         return self.ready
+
+    def stop(self) -> None:
+        """Stop the forward processes (on shutdown, and when the model is unloaded)."""
+        super().stop()
+        if self.processes is not None:
+            self.processes.close()
+            self.processes = None
 
     async def explain(self, payload: dict, headers: dict[str, str] | None = None) -> dict:
         """No explainer: a 404 that says so (KServe answers 501, a server fault)."""

@@ -15,9 +15,6 @@ from fineserve.serving import server
 from fineserve.serving.entrypoint import main
 from fineserve.serving.predictor import TextClassifierModel
 
-ERROR_SHARE, SLOW_SHARE, SLOW_SECONDS = (float(v) for v in sys.argv[1:4])
-del sys.argv[1:4]
-
 
 class FaultyModel(TextClassifierModel):
     """The predictor, failing or stalling on a share of its requests."""
@@ -31,7 +28,8 @@ class FaultyModel(TextClassifierModel):
         return await super().predict(payload, headers)
 
 
-server.TextClassifierModel = FaultyModel
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # (not again in the forward processes, which spawn from here)
+    ERROR_SHARE, SLOW_SHARE, SLOW_SECONDS = (float(v) for v in sys.argv[1:4])
+    del sys.argv[1:4]
+    server.TextClassifierModel = FaultyModel
     main()

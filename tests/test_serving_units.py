@@ -113,6 +113,29 @@ def test_batcher_coalesces_concurrent_requests_and_keeps_answers_apart():
     assert threading.get_ident() not in runner.threads, "a forward pass ran on the event loop"
 
 
+def test_batcher_awaits_passes_from_its_forward_coroutine_instead_of_running_them():
+    runner = _Runner(per_pass=2)
+    awaited: list[list[str]] = []
+
+    async def forward(job: _Job) -> np.ndarray:  # e.g. forward processes
+        awaited.append(job.texts)
+        await asyncio.sleep(0.01)
+        return _scores(job.texts)
+
+    requests = [["a", "bb"], ["ccc"], ["dd", "e", "ff"]]
+
+    async def main() -> list[np.ndarray]:
+        batcher = DynamicBatcher(runner, max_batch_size=8, workers=2, forward=forward)
+        results = await asyncio.gather(*(batcher.submit(r) for r in requests))
+        await batcher.close()
+        return results
+
+    for request, result in zip(requests, asyncio.run(main()), strict=True):
+        np.testing.assert_array_equal(result, _scores(request))
+    assert not runner.threads, "a pass ran in a worker thread"
+    assert sorted(t for texts in awaited for t in texts) == sorted(sum(requests, []))
+
+
 def test_batcher_runs_passes_in_parallel_worker_threads():
     both_running = threading.Barrier(2, timeout=5)  # breaks unless two passes overlap
     runner = _Runner(per_pass=1, before_run=lambda job: both_running.wait())

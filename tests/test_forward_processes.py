@@ -1,0 +1,261 @@
+"""Forward passes in child processes: same answers, failures contained, no orphans."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from serving_helpers import ServerProcess, serve_module_argv, v2_body
+
+from fineserve.serving.engine import ForwardJob, TextClassifier
+from fineserve.serving.forward_processes import (
+    ForwardProcessError,
+    ForwardProcesses,
+    child_settings,
+    uses_processes,
+)
+from fineserve.serving.predictor import ServeOptions
+
+
+@pytest.fixture(scope="module")
+def classifier(tiny_classifier) -> TextClassifier:
+    return TextClassifier(tiny_classifier, device="cpu", max_batch_size=8, max_batch_tokens=256)
+
+
+@pytest.fixture(scope="module")
+def processes(classifier):
+    pool = ForwardProcesses(child_settings(classifier, threads=1), count=2)
+    pool.start()
+    yield pool
+    pool.close()
+
+
+@pytest.fixture(scope="module")
+def jobs(classifier, corpus_frame) -> list[ForwardJob]:
+    return classifier.plan(corpus_frame["text"].sample(40, random_state=5).tolist())
+
+
+def _wait_for(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        time.sleep(0.05)
+
+
+def test_auto_runs_passes_in_processes_on_a_cpu_and_in_threads_on_a_gpu():
+    assert uses_processes("auto", "cpu")
+    assert not uses_processes("auto", "cuda")
+    assert uses_processes("processes", "cuda")
+    assert not uses_processes("threads", "cpu")
+    with pytest.raises(ValueError, match="forward_in"):
+        uses_processes("fibers", "cpu")
+    with pytest.raises(ValueError, match="forward_in must be one of"):
+        ServeOptions(forward_in="fibers")
+
+
+def test_children_serve_the_precision_the_parent_decided(tiny_classifier, corpus_frame):
+    parent = TextClassifier(
+        tiny_classifier, device="cpu", dtype="bfloat16", compile="off", unpad="off"
+    )
+    settings = child_settings(parent, threads=1)
+    assert (settings.dtype, settings.compile, settings.unpad) == ("bfloat16", "off", "off")
+    pool = ForwardProcesses(settings, count=1)
+    pool.start()
+    try:
+        job = parent.plan(corpus_frame["text"].head(6).tolist())[0]
+        served = asyncio.run(pool.run(job))
+    finally:
+        pool.close()
+    np.testing.assert_array_equal(served, parent.run(job))  # bfloat16, not float32
+    assert np.abs(served - TextClassifier(tiny_classifier, device="cpu").run(job)).max() > 0
+
+
+def test_passes_in_child_processes_answer_like_the_model_in_process(processes, classifier, jobs):
+    async def run_all():
+        return await asyncio.gather(*(processes.run(job) for job in jobs))
+
+    answers = asyncio.run(run_all())
+    assert len(jobs) > 2  # more passes than children: they queue for an idle one
+    for job, probs in zip(jobs, answers, strict=True):
+        np.testing.assert_allclose(probs, classifier.run(job), atol=1e-6)
+
+
+def test_a_failing_pass_fails_alone_and_the_child_serves_on(processes, classifier, jobs):
+    bad = ForwardJob([0], [[10**9]])  # a token id far past the vocabulary
+
+    async def run_both():
+        with pytest.raises(ForwardProcessError, match="forward pass failed in process"):
+            await processes.run(bad)
+        return await processes.run(jobs[0])
+
+    pids = processes.pids
+    np.testing.assert_allclose(asyncio.run(run_both()), classifier.run(jobs[0]), atol=1e-6)
+    assert processes.pids == pids
+
+
+async def _until_all_children_run(processes: ForwardProcesses, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while len(processes.pids) < processes.count:
+        assert time.monotonic() < deadline, "no child replaced the dead one"
+        await asyncio.sleep(0.05)
+
+
+def test_a_child_killed_while_idle_costs_no_pass_and_is_replaced(processes, classifier, jobs):
+    victim = processes.pids[0]
+    os.kill(victim, signal.SIGKILL)
+    _wait_for(lambda: _is_gone(victim))
+
+    async def run_some():
+        answers = await asyncio.gather(*(processes.run(job) for job in jobs[:4]))
+        await _until_all_children_run(processes)
+        return answers
+
+    for job, probs in zip(jobs[:4], asyncio.run(run_some()), strict=True):
+        np.testing.assert_allclose(probs, classifier.run(job), atol=1e-6)
+    assert victim not in processes.pids
+
+
+def test_a_child_dying_in_a_pass_fails_that_pass_only_and_is_replaced(processes, jobs):
+    victim, other = processes.pids
+
+    async def die_mid_pass():
+        for pid in (victim, other):
+            os.kill(pid, signal.SIGSTOP)  # each takes a pass but cannot answer yet
+        passes = [asyncio.ensure_future(processes.run(job)) for job in jobs[:2]]
+        await asyncio.sleep(0.5)
+        os.kill(victim, signal.SIGKILL)
+        await asyncio.sleep(0.5)
+        os.kill(other, signal.SIGCONT)
+        results = await asyncio.gather(*passes, return_exceptions=True)
+        await _until_all_children_run(processes)
+        return results
+
+    results = asyncio.run(die_mid_pass())
+    failed = [r for r in results if isinstance(r, ForwardProcessError)]
+    assert len(failed) == 1 and "died during a pass" in str(failed[0])
+    assert sum(isinstance(r, np.ndarray) for r in results) == 1
+    assert victim not in processes.pids and other in processes.pids
+
+
+def test_a_cancelled_pass_gives_its_child_back_once_it_answers(processes, classifier, jobs):
+    async def cancel_one():
+        pids = list(processes.pids)
+        os.kill(pids[0], signal.SIGSTOP)
+        os.kill(pids[1], signal.SIGSTOP)
+        passes = [asyncio.ensure_future(processes.run(job)) for job in jobs[:2]]
+        await asyncio.sleep(0.3)
+        passes[0].cancel()
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+        await asyncio.gather(*passes, return_exceptions=True)
+        for _ in range(100):  # the cancelled pass's child answers, and is idle again
+            if processes._idle.qsize() == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert processes._idle.qsize() == 2
+        return await asyncio.gather(*(processes.run(job) for job in jobs[:4]))
+
+    pids = processes.pids
+    for job, probs in zip(jobs[:4], asyncio.run(cancel_one()), strict=True):
+        np.testing.assert_allclose(probs, classifier.run(job), atol=1e-6)
+    assert processes.pids == pids
+
+
+def test_closing_fails_the_passes_in_flight_and_later_ones_instead_of_hanging(classifier, jobs):
+    pool = ForwardProcesses(child_settings(classifier, threads=1), count=1)
+    pool.start()
+    child = pool.pids[0]
+
+    async def close_mid_pass():
+        os.kill(child, signal.SIGSTOP)  # it takes the pass but cannot answer
+        in_flight = asyncio.ensure_future(pool.run(jobs[0]))
+        waiting = asyncio.ensure_future(pool.run(jobs[1]))  # no idle child: it waits
+        await asyncio.sleep(0.3)
+        os.kill(child, signal.SIGCONT)
+        pool.close()
+        results = await asyncio.wait_for(
+            asyncio.gather(in_flight, waiting, return_exceptions=True), timeout=10
+        )
+        with pytest.raises(ForwardProcessError, match="stopping"):
+            await pool.run(jobs[2])
+        return results
+
+    for result in asyncio.run(close_mid_pass()):
+        assert isinstance(result, ForwardProcessError) and "stopping" in str(result)
+    _wait_for(lambda: _is_gone(child), 10)
+
+
+def test_a_child_that_cannot_load_the_model_fails_the_start_naming_why(classifier, tmp_path):
+    settings = child_settings(classifier, threads=1)
+    broken = tmp_path / "model"
+    shutil.copytree(settings.model_dir, broken)
+    (broken / "config.json").unlink()
+    pool = ForwardProcesses(type(settings)(**{**settings.__dict__, "model_dir": str(broken)}), 1)
+    with pytest.raises(ForwardProcessError, match="failed to load: ModelDirError.*config.json"):
+        pool.start()
+
+
+def _is_gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie whose threads (and open files) are all gone."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            fields = dict(line.split(":\t", 1) for line in status.read().splitlines())
+    except FileNotFoundError:
+        return True
+    return fields["State"].startswith("Z") and fields["Threads"].strip() == "1"
+
+
+def _children(pid: int) -> list[int]:
+    """Child processes of ``pid``, whichever of its threads started them."""
+    children = []
+    for listing in Path(f"/proc/{pid}/task").glob("*/children"):
+        children += [int(child) for child in listing.read_text().split()]
+    return children
+
+
+@pytest.fixture
+def served_model(tiny_classifier, tmp_path):
+    path = tmp_path / "model"
+    shutil.copytree(tiny_classifier, path)
+    (path / "fineserve.json").write_text(json.dumps({"max_length": 64, "model_version": "v1"}))
+    return path
+
+
+def test_a_server_keeps_answering_when_a_forward_process_dies_and_its_children_end_with_it(
+    served_model, tmp_path
+):
+    argv = serve_module_argv(served_model, "m", "--device", "cpu", "--forward_workers", "2")
+    with ServerProcess(argv, log_path=tmp_path / "server.log") as server:
+        assert "2 forward process(es)" in server.log()
+        children = _children(server.proc.pid)
+        assert len(children) >= 2
+        forward = [pid for pid in children if "spawn_main" in _cmdline(pid)]
+        assert len(forward) == 2, [_cmdline(pid) for pid in children]
+        os.kill(forward[0], signal.SIGKILL)
+        _wait_for(lambda: _is_gone(forward[0]))  # (a pass sent as it dies fails: a 500)
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            for _ in range(10):
+                response = http.post("/v2/models/m/infer", json=v2_body(["still there?"]))
+                assert response.status_code == 200, response.text
+        _wait_for(lambda: "forward process 0 (pid" in server.log().split("starting another")[-1])
+        forward = [pid for pid in _children(server.proc.pid) if "spawn_main" in _cmdline(pid)]
+        assert len(forward) == 2
+    for pid in forward:  # the server stopped its children on SIGTERM
+        _wait_for(lambda pid=pid: _is_gone(pid), 10)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return cmdline.read().replace(b"\0", b" ").decode()
+    except FileNotFoundError:
+        return ""
