@@ -262,8 +262,19 @@ def _stat_ticks(path: str) -> int | None:
 
 
 def _process_ticks(pids: list[int]) -> int:
-    """CPU ticks (user + system, all threads) used so far by ``pids``."""
-    return sum(_stat_ticks(f"/proc/{pid}/stat") or 0 for pid in pids)
+    """CPU ticks (user + system, all threads) used so far by ``pids`` and their children."""
+    return sum(_stat_ticks(f"/proc/{pid}/stat") or 0 for pid in _with_descendants(pids))
+
+
+def _with_descendants(pids: list[int]) -> list[int]:
+    found, todo = [], list(pids)
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        for listing in Path(f"/proc/{pid}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                todo += [int(child) for child in listing.read_text().split()]
+    return found
 
 
 def _thread_ticks(pid: int | None) -> int | None:
