@@ -85,6 +85,8 @@ class ModelMetrics:
                 probe.max_probability_diff
             )
         _VERSIONS[model_name] = model_version
+        for protocol, endpoint, code in _INFER_SERIES:  # at 0: the first of each is counted
+            REQUESTS.labels(protocol, endpoint, code, model_name, model_version)
 
     def observe_predictions(self, probabilities: np.ndarray) -> None:
         """Count the predicted label and record the top probability of each answered text."""
@@ -116,6 +118,18 @@ REQUEST_SECONDS = Histogram(
     ("protocol", "endpoint", *LABELS),
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
+#: Request counts of the inference endpoints, answered or failed, that exist from the load
+#: (at 0): Prometheus' increase() cannot count a series' first sample, so a canary's first
+#: server errors (or answers) would go unseen if their series began with them.
+_INFER_SERIES = [
+    (protocol, endpoint, code)
+    for protocol, endpoints, codes in (
+        ("http", ("/v2/models/{model}/infer", "/v1/models/{model}:predict"), ("200", "500")),
+        ("grpc", ("ModelInfer",), ("OK", "INTERNAL")),
+    )
+    for endpoint in endpoints
+    for code in codes
+]
 #: Endpoint labels of HTTP paths; any other path counts as "other" (a label per scanned path
 #: would grow without bound).
 _HTTP_ENDPOINTS = [

@@ -630,3 +630,24 @@ def test_kserve_timing_lines_follow_latency_logging(latency_logging):
     with TestClient(app) as client:
         assert client.get("/ping").json() == "pong"
     assert timings.names == (["kserve.io.test_serving_units.ping"] * 2 if latency_logging else [])
+
+
+def test_the_inference_request_series_exist_at_zero_from_the_load():
+    """Prometheus' increase() skips a series' first sample: a canary's first 500 must count."""
+    from prometheus_client import REGISTRY, generate_latest
+
+    from fineserve.serving.prometheus_metrics import ModelMetrics
+
+    ModelMetrics("zeroed", "v9", "cpu", ["a", "b"])
+    exposed = generate_latest(REGISTRY).decode()
+    for protocol, endpoint, code in [
+        ("http", "/v2/models/{model}/infer", "500"),
+        ("http", "/v1/models/{model}:predict", "500"),
+        ("http", "/v2/models/{model}/infer", "200"),
+        ("grpc", "ModelInfer", "INTERNAL"),
+    ]:
+        series = (
+            f'fineserve_requests_total{{code="{code}",endpoint="{endpoint}",'
+            f'model_name="zeroed",model_version="v9",protocol="{protocol}"}} 0.0'
+        )
+        assert series in exposed
