@@ -106,7 +106,9 @@ def predictors(tiny_classifier, texts, tmp_path_factory):
         FAULTY: _spread_head(tiny_classifier, texts[:200], root / "v3", FAULTY),
         ONE_CLASS: _spread_head(tiny_classifier, texts[:200], root / "v4", ONE_CLASS, 50.0),
     }
-    argv = {v: serve_module_argv(d, SERVED_NAME, "--device", "cpu") for v, d in dirs.items()}
+    # passes in threads: four servers with two forward processes each would crowd 2 cores
+    options = ("--device", "cpu", "--forward_in", "threads")
+    argv = {v: serve_module_argv(d, SERVED_NAME, *options) for v, d in dirs.items()}
     # 30% of its requests fail inside the model (500), 20% take half a second longer
     argv[FAULTY] = [
         sys.executable, str(REPO / "tests" / "faulty_predictor.py"), "0.3", "0.2", "0.5",
