@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
@@ -194,6 +195,17 @@ class TextClassifier:
         if unpad == "auto" and not self.compiled:
             self._skip_padding_if_outputs_agree()
 
+    def release_model(self) -> None:
+        """Free the weights and compiled graphs once passes run elsewhere (forward processes).
+
+        Planning (tokenizing) still works; running a pass here no longer does.
+        """
+        self.model = None
+        self.unpadded = None
+        if self.compiled:
+            torch._dynamo.reset()  # its caches hold the compiled graphs and their frozen weights
+        gc.collect()
+
     @property
     def dtype(self) -> torch.dtype:
         """The torch dtype of the weights (int8 layers take and give float32)."""
@@ -345,6 +357,8 @@ class TextClassifier:
 
     @torch.inference_mode()
     def _forward(self, ids: list[list[int]]) -> np.ndarray:
+        if self.model is None:
+            raise RuntimeError(f"{self.model_dir}: the weights were released (release_model)")
         with self._tokenizer_lock:
             batch = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt")
         mask = batch["attention_mask"]

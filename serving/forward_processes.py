@@ -30,6 +30,9 @@ from fineserve.serving.engine import ForwardJob, TextClassifier
 FORWARD_IN = ("auto", "processes", "threads")
 #: Longest a child may take to load and compile the model before the server gives up on it.
 START_TIMEOUT_S = 600.0
+#: Longest one pass may take before its child is deemed hung, killed and replaced: passes take
+#: milliseconds to a second on a CPU, so only a stuck child gets near it.
+PASS_TIMEOUT_S = 120.0
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +110,7 @@ class _Child:
     def __init__(self, number: int, settings: ChildSettings) -> None:
         context = multiprocessing.get_context("spawn")  # fork is unsafe after torch's threads
         self.number = number
+        self.overdue = False  # killed for a pass that took too long
         self.conn, child_conn = context.Pipe()
         self.process: BaseProcess = context.Process(
             target=_child_main,
@@ -174,11 +178,14 @@ class ForwardProcesses:
     none is running and the last start failed, when they fail at once with the reason.
     """
 
-    def __init__(self, settings: ChildSettings, count: int) -> None:
+    def __init__(
+        self, settings: ChildSettings, count: int, pass_timeout_s: float = PASS_TIMEOUT_S
+    ) -> None:
         if count < 1:
             raise ValueError("count must be at least 1")
         self.settings = settings
         self.count = count
+        self.pass_timeout_s = pass_timeout_s
         self._loop: asyncio.AbstractEventLoop | None = None
         self._idle: asyncio.Queue[_Child | None] | None = None
         self._children: list[_Child] = []
@@ -238,6 +245,7 @@ class ForwardProcesses:
         fd = child.conn.fileno()
         loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
         self._busy[child] = readable
+        overdue = loop.call_later(self.pass_timeout_s, self._kill_overdue, child)
         try:
             await readable
         except asyncio.CancelledError:  # the child still answers: take it back then
@@ -246,6 +254,7 @@ class ForwardProcesses:
                 loop.add_reader(fd, self._discard_answer, child)
             raise
         finally:
+            overdue.cancel()
             self._busy.pop(child, None)
         loop.remove_reader(fd)
         status, answer = self._receive(child)
@@ -259,11 +268,25 @@ class ForwardProcesses:
             reply = child.conn.recv()
         except (EOFError, OSError):
             self._replace(child)
+            why = (
+                f"ran a pass for over {self.pass_timeout_s:g} s and was killed"
+                if child.overdue
+                else "died during a pass"
+            )
             raise ForwardProcessError(
-                f"forward process {child.number} died during a pass; a new one is starting"
+                f"forward process {child.number} {why}; a new one is starting"
             ) from None
         self._idle.put_nowait(child)
         return reply
+
+    def _kill_overdue(self, child: _Child) -> None:
+        """A pass outlived `pass_timeout_s`: the child is hung; kill it (its pipe then ends)."""
+        logger.error(
+            "forward process %d (pid %s) ran a pass for over %g s; killing it",
+            child.number, child.process.pid, self.pass_timeout_s,
+        )  # fmt: skip
+        child.overdue = True
+        child.process.kill()
 
     def _discard_answer(self, child: _Child) -> None:
         """Read the answer of a pass nobody waits for any more, so the child takes the next."""

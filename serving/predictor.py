@@ -119,6 +119,7 @@ class TextClassifierModel(Model):
         if uses_processes(opts.forward_in, self.classifier.device.type):
             self.processes = ForwardProcesses(child_settings(self.classifier, threads), workers)
             self.processes.start()  # each child loads the model as decided above
+            self.classifier.release_model()  # this process only tokenizes from now on
         gc.collect()
         gc.freeze()  # the loaded libraries' objects: no full-GC pauses walking them under load
         self.metrics = ModelMetrics(

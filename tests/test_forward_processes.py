@@ -194,6 +194,45 @@ def test_closing_fails_the_passes_in_flight_and_later_ones_instead_of_hanging(cl
     _wait_for(lambda: _is_gone(child), 10)
 
 
+def test_a_hung_child_is_killed_after_the_pass_timeout_and_replaced(classifier, jobs):
+    pool = ForwardProcesses(child_settings(classifier, threads=1), count=1, pass_timeout_s=1.0)
+    pool.start()
+    hung = pool.pids[0]
+
+    async def hang_then_recover():
+        os.kill(hung, signal.SIGSTOP)  # alive, but it never answers
+        with pytest.raises(ForwardProcessError, match="over 1 s and was killed"):
+            await asyncio.wait_for(pool.run(jobs[0]), timeout=30)
+        return await asyncio.wait_for(pool.run(jobs[1]), timeout=60)  # by its replacement
+
+    try:
+        probs = asyncio.run(hang_then_recover())
+        np.testing.assert_allclose(probs, classifier.run(jobs[1]), atol=1e-6)
+        assert pool.pids and hung not in pool.pids
+    finally:
+        pool.close()
+
+
+def test_a_predictor_in_processes_keeps_no_weights_and_stops_its_children(
+    tiny_classifier, classifier, corpus_frame
+):
+    from fineserve.serving.predictor import TextClassifierModel
+
+    texts = corpus_frame["text"].head(5).tolist()
+    model = TextClassifierModel("m", tiny_classifier, ServeOptions(device="cpu"))
+    model.load()
+    children = model.processes.pids
+    try:
+        assert model.classifier.model is None  # the children hold the weights
+        probs = asyncio.run(model.batcher.submit(texts))
+        np.testing.assert_allclose(probs, classifier.predict_proba(texts), atol=1e-6)
+    finally:
+        model.stop()
+    assert model.processes is None and not model.ready
+    for pid in children:
+        _wait_for(lambda pid=pid: _is_gone(pid), 10)
+
+
 def test_a_child_that_cannot_load_the_model_fails_the_start_naming_why(classifier, tmp_path):
     settings = child_settings(classifier, threads=1)
     broken = tmp_path / "model"
