@@ -25,6 +25,7 @@ from multiprocessing.process import BaseProcess
 import numpy as np
 
 from fineserve.serving.engine import ForwardJob, TextClassifier
+from fineserve.serving.precision import ProbeSettings
 
 #: --forward-in: where forward passes run; auto is processes on a CPU, threads on a GPU.
 FORWARD_IN = ("auto", "processes", "threads")
@@ -82,10 +83,9 @@ def _child_main(conn: Connection, settings: dict) -> None:
     """A child: load the model, say ready, then run passes until told to stop or orphaned."""
     for signum in (signal.SIGINT, signal.SIGTERM):  # sent to the process group, e.g. Ctrl-C:
         signal.signal(signum, signal.SIG_IGN)  # the server drains its requests, then stops us
-    from fineserve.serving.precision import ProbeSettings
-
     try:
         classifier = TextClassifier(**settings, probe=ProbeSettings(texts=0))
+        classifier.predict_proba(["warm-up"])  # lazy kernel set-up, before the first request
     except BaseException as exc:  # noqa: BLE001  (the parent reports why the child failed)
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
@@ -318,6 +318,8 @@ class ForwardProcesses:
             try:
                 child.wait_ready(self.settings)
             except ForwardProcessError as exc:
+                if self._closed:  # killed by close(); the loop may be gone too
+                    return
                 self._loop.call_soon_threadsafe(self._start_failed, str(exc))
                 time.sleep(pause)
                 pause = min(pause * 2, 60.0)

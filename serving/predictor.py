@@ -115,11 +115,12 @@ class TextClassifierModel(Model):
             model_version=self.model_version,
             probe=opts.probe,
         )
-        self.classifier.predict_proba(["warm-up"])
         if uses_processes(opts.forward_in, self.classifier.device.type):
             self.processes = ForwardProcesses(child_settings(self.classifier, threads), workers)
-            self.processes.start()  # each child loads the model as decided above
+            self.processes.start()  # each child loads (and warms up) the model as decided above
             self.classifier.release_model()  # this process only tokenizes from now on
+        else:
+            self.classifier.predict_proba(["warm-up"])
         gc.collect()
         gc.freeze()  # the loaded libraries' objects: no full-GC pauses walking them under load
         self.metrics = ModelMetrics(
