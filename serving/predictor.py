@@ -115,6 +115,7 @@ class TextClassifierModel(Model):
             model_version=self.model_version,
             probe=opts.probe,
         )
+        padding = "padded" if self.classifier.unpadded is None else "skipped in Linear layers"
         if uses_processes(opts.forward_in, self.classifier.device.type):
             self.processes = ForwardProcesses(child_settings(self.classifier, threads), workers)
             self.processes.start()  # each child loads (and warms up) the model as decided above
@@ -156,7 +157,7 @@ class TextClassifierModel(Model):
             "thread(s)" if self.processes is None else "process(es)",
             torch.get_num_threads(),
             "compiled (torch.compile)" if self.classifier.compiled else "eager",
-            "padded" if self.classifier.unpadded is None else "skipped in Linear layers",
+            padding,
         )
         self.ready = True
         return self.ready

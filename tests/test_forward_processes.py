@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 import signal
@@ -214,16 +215,27 @@ def test_a_hung_child_is_killed_after_the_pass_timeout_and_replaced(classifier, 
 
 
 def test_a_predictor_in_processes_keeps_no_weights_and_stops_its_children(
-    tiny_classifier, classifier, corpus_frame
+    tiny_classifier, classifier, corpus_frame, caplog
 ):
+    from kserve.logging import logger as kserve_logger
+
     from fineserve.serving.predictor import TextClassifierModel
 
     texts = corpus_frame["text"].head(5).tolist()
     model = TextClassifierModel("m", tiny_classifier, ServeOptions(device="cpu"))
-    model.load()
+    kserve_logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger=kserve_logger.name):
+            model.load()
+    finally:
+        kserve_logger.removeHandler(caplog.handler)
     children = model.processes.pids
     try:
         assert model.classifier.model is None  # the children hold the weights
+        # the load log tells what the children run, not what this process kept
+        assert classifier.unpadded is not None
+        loaded = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("loaded"))
+        assert "2 forward process(es)" in loaded and "skipped in Linear layers" in loaded
         probs = asyncio.run(model.batcher.submit(texts))
         np.testing.assert_allclose(probs, classifier.predict_proba(texts), atol=1e-6)
     finally:
