@@ -322,7 +322,7 @@ def _free_port() -> int:
 
 
 class Server:
-    """`python -m fineserve.serving` as a subprocess on free local ports."""
+    """`python -m fineserve.serving` (from ``source``: a checkout) on free local ports."""
 
     def __init__(
         self,
@@ -331,6 +331,7 @@ class Server:
         knobs: list[str],
         log: Path,
         launcher: list[str] | None = None,
+        source: Path = REPO,
     ) -> None:
         self.port, self.grpc_port = _free_port(), _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -348,14 +349,17 @@ class Server:
             *knobs,
         ]
         self.log = log
+        self.source = source
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> Server:
         import httpx
 
-        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(self.source))
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(self.argv, cwd=REPO, env=env, stdout=log, stderr=log)
+            self.proc = subprocess.Popen(
+                self.argv, cwd=self.source, env=env, stdout=log, stderr=log
+            )
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -431,6 +435,12 @@ def compare(args: argparse.Namespace) -> dict:
     for spec in args.variant:
         label, _, options = spec.partition("=")
         variants[label.strip()] = [*common, *shlex.split(options)]
+    sources: dict[str, Path] = {}
+    for spec in args.checkout:  # e.g. an earlier commit's `git worktree`, in this interpreter
+        label, _, source = spec.partition("=")
+        if label.strip() not in variants or not (Path(source) / "serving").is_dir():
+            raise SystemExit(f"--checkout {spec!r}: name a --variant and a fineserve checkout")
+        sources[label.strip()] = Path(source).resolve()
     launchers = {}
     if args.prediction_metrics_off:  # the same server without the per-prediction metrics
         variants[NO_PREDICTION_METRICS] = common
@@ -448,13 +458,21 @@ def compare(args: argparse.Namespace) -> dict:
     with contextlib.ExitStack() as stack:
         servers = {
             name: stack.enter_context(
-                Server(model_dir, f"v{i}", knobs, work / f"v{i}.log", launchers.get(name))
+                Server(
+                    model_dir,
+                    f"v{i}",
+                    knobs,
+                    work / f"v{i}.log",
+                    launchers.get(name),
+                    sources.get(name, REPO),
+                )
             )
             for i, (name, knobs) in enumerate(variants.items())
         }
         for name, knobs in variants.items():
             served = served_precision(servers[name])
-            print(f"{name}: python -m fineserve.serving ... {' '.join(knobs)}  ({served})",
+            where = f" in {sources[name]}" if name in sources else ""
+            print(f"{name}: python -m fineserve.serving ... {' '.join(knobs)}  ({served}){where}",
                   flush=True)  # fmt: skip
         ours = [os.getpid(), *(server.proc.pid for server in servers.values())]
         others: dict[str, list[float]] = {name: [] for name in [*variants, *floor]}
@@ -602,6 +620,14 @@ def main(argv: list[str] | None = None) -> None:
         default=[],
         metavar="LABEL=OPTIONS",
         help="another server to compare, e.g. 'unbatched, 2 workers=--max_batch_size 1'",
+    )
+    both.add_argument(
+        "--checkout",
+        action="append",
+        default=[],
+        metavar="LABEL=DIR",
+        help="serve the --variant LABEL from the fineserve source tree DIR (e.g. a `git "
+        "worktree` of an earlier commit) with this interpreter: a baseline in the same run",
     )
     both.add_argument(
         "--prediction-metrics-off",
