@@ -29,6 +29,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -47,6 +48,8 @@ LABELS = ["negative", "neutral", "positive"]
 NO_PREDICTION_METRICS = "prediction metrics off"
 #: The precisions `compare --precisions` serves by name, beside the default (auto).
 PRECISIONS = ("float32", "bfloat16", "int8")
+#: How long a server may take to load: compiling (cold caches, and per forward process) is slow.
+READY_TIMEOUT_S = 600
 
 
 # --- inputs -----------------------------------------------------------------------------------
@@ -321,6 +324,26 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def importable_checkout(source: Path, log: Path) -> Path:
+    """A folder that, first on PYTHONPATH, imports `fineserve` from the checkout ``source``.
+
+    The checkout's top-level folders install as subpackages of `fineserve` (its pyproject's
+    package-dir), so the folder holds that layout as links: ``<log>.pkg/fineserve/serving``...
+    """
+    import tomllib
+
+    project = tomllib.loads((source / "pyproject.toml").read_text())
+    folders = project["tool"]["setuptools"]["package-dir"]
+    stage = log.with_suffix(".pkg")
+    shutil.rmtree(stage, ignore_errors=True)
+    (stage / "fineserve").mkdir(parents=True)
+    for item in (source / folders.pop("fineserve")).iterdir():
+        (stage / "fineserve" / item.name).symlink_to(item)
+    for package, folder in folders.items():
+        (stage / package.replace(".", "/")).symlink_to(source / folder)
+    return stage
+
+
 class Server:
     """`python -m fineserve.serving` (from ``source``: a checkout) on free local ports."""
 
@@ -355,12 +378,11 @@ class Server:
     def __enter__(self) -> Server:
         import httpx
 
-        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(self.source))
+        path = REPO if self.source == REPO else importable_checkout(self.source, self.log)
+        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(path))
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(
-                self.argv, cwd=self.source, env=env, stdout=log, stderr=log
-            )
-        deadline = time.monotonic() + 180
+            self.proc = subprocess.Popen(self.argv, cwd=path, env=env, stdout=log, stderr=log)
+        deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited; see {self.log}")
