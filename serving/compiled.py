@@ -3,8 +3,9 @@
 `--compile auto` compiles a model served in bfloat16 on a CPU: there the eager passes spend
 much of their time between oneDNN's matrix products (layer norms, GELU, residual adds, the
 attention's small kernels, and Python between ops), which inductor fuses into a few C++
-kernels. Measured on MiniLM-L6 passes as served (docs/benchmarks.md): bfloat16 1.17x eager
-with padding skipped (1.4x eager padded); float32 0.94x, so auto leaves float32 eager. `on`
+kernels, and the frozen weights are packed for oneDNN once. Measured on MiniLM-L6 passes as
+served (docs/benchmarks.md, AMX CPU): bfloat16 1.40x eager with padding skipped (1.12x before
+the weights were really frozen); float32 0.94x, so auto leaves float32 eager. `on`
 compiles whatever is served; `off` never compiles. Shapes are dynamic (one graph for every
 batch size and length, plus one for single-text passes), compiled and checked at load; a
 compiled model runs padded passes (the padding skip's hooks are Python-side).
@@ -38,8 +39,12 @@ def compile_model(model: nn.Module) -> nn.Module:
     """``model`` behind torch.compile: inductor, shapes dynamic.
 
     Compiling is lazy: the first pass of each kind (one text, several) compiles it, within
-    `compiling_allowed`, which freezes the weights into the graph.
+    `compiling_allowed`, which freezes the weights into the graph. The graphs of models
+    compiled before in this process are dropped first: they hold those models' frozen weights,
+    and dynamo guards a frozen graph on its model, so each load would add graphs until its
+    recompile limit (8) made every later model run eager.
     """
+    torch._dynamo.reset()
     return torch.compile(model, dynamic=True)
 
 
@@ -51,7 +56,7 @@ def compiling_allowed() -> Iterator[None]:
     matrix products ahead of time instead of reordering them in every pass. Dynamo reads
     inductor's global ``freezing`` setting while it traces; passed as a `torch.compile` option
     it reaches inductor only, and the weights stay graph inputs (torch 2.13). Measured on
-    MiniLM-L6 in bfloat16, AMX CPU, one thread: planned passes 721 against 619 texts/s.
+    MiniLM-L6 in bfloat16, AMX CPU, one thread: 650 against 506 texts/s (1.28x).
     """
     from torch._inductor import config as inductor_config  # (importing inductor takes a while)
 

@@ -268,12 +268,30 @@ def test_auto_serves_bfloat16_compiled_answering_like_eager_with_no_compile_afte
 def test_compiled_passes_run_with_the_weights_frozen_into_the_graph(
     decisive_model, probe_texts, native_bf16
 ):
-    """Frozen weights are the graph's own (packed for oneDNN at load): 1.2x faster passes."""
+    """Frozen weights are the graph's own (packed for oneDNN at load): 1.28x faster passes."""
     native_bf16(True)
     classifier = TextClassifier(decisive_model, device="cpu", dtype="auto")
     assert classifier.compiled
     served = classifier.predict_proba(probe_texts)
     with torch.no_grad():  # the module's weights no longer reach a frozen graph
+        classifier.model.classifier.weight.mul_(-1.0)
+    np.testing.assert_array_equal(classifier.predict_proba(probe_texts), served)
+
+
+def test_a_process_that_loads_again_and_again_still_serves_frozen_graphs(
+    decisive_model, probe_texts, native_bf16
+):
+    """Each load's graphs are guarded on its model; the earlier ones must go.
+
+    Otherwise dynamo's recompile limit (8; 2 here, to keep the test short) turns later loads
+    eager.
+    """
+    native_bf16(True)
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for _ in range(3):
+            classifier = TextClassifier(decisive_model, device="cpu", dtype="auto")
+    served = classifier.predict_proba(probe_texts)
+    with torch.no_grad():
         classifier.model.classifier.weight.mul_(-1.0)
     np.testing.assert_array_equal(classifier.predict_proba(probe_texts), served)
 
