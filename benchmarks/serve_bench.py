@@ -443,7 +443,9 @@ def compare(args: argparse.Namespace) -> dict:
     texts = corpus_texts()
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="serve-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    model_dir = Path(args.model_dir).resolve() if args.model_dir else minilm_classifier(work / "minilm-3")
+    model_dir = (
+        Path(args.model_dir).resolve() if args.model_dir else minilm_classifier(work / "minilm-3")
+    )
     common = ["--device", "cpu", *args.server_arg]
     variants = {
         "batching on": common,
