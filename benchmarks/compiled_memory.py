@@ -14,6 +14,7 @@ import random
 import sys
 from pathlib import Path
 
+import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -25,7 +26,7 @@ from fineserve.serving.engine import TextClassifier  # noqa: E402
 
 def resident_mb() -> int:
     """This process's resident set, MB."""
-    return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 // 2**20
+    return psutil.Process().memory_info().rss // 2**20
 
 
 def main() -> None:

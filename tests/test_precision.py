@@ -272,10 +272,7 @@ def test_compiled_passes_run_with_the_weights_frozen_into_the_graph(
     native_bf16(True)
     classifier = TextClassifier(decisive_model, device="cpu", dtype="auto")
     assert classifier.compiled
-    served = classifier.predict_proba(probe_texts)
-    with torch.no_grad():  # the module's weights no longer reach a frozen graph
-        classifier.model.classifier.weight.mul_(-1.0)
-    np.testing.assert_array_equal(classifier.predict_proba(probe_texts), served)
+    _assert_weights_frozen(classifier, probe_texts)
 
 
 def test_a_process_that_loads_again_and_again_still_serves_frozen_graphs(
@@ -290,10 +287,15 @@ def test_a_process_that_loads_again_and_again_still_serves_frozen_graphs(
     with torch._dynamo.config.patch(recompile_limit=2):
         for _ in range(3):
             classifier = TextClassifier(decisive_model, device="cpu", dtype="auto")
-    served = classifier.predict_proba(probe_texts)
+    _assert_weights_frozen(classifier, probe_texts)
+
+
+def _assert_weights_frozen(classifier: TextClassifier, texts: list[str]) -> None:
+    """The compiled graph answers with its own weights: the module's no longer reach it."""
+    served = classifier.predict_proba(texts)
     with torch.no_grad():
         classifier.model.classifier.weight.mul_(-1.0)
-    np.testing.assert_array_equal(classifier.predict_proba(probe_texts), served)
+    np.testing.assert_array_equal(classifier.predict_proba(texts), served)
 
 
 class _Uncompilable(torch.nn.Module):
