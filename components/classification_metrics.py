@@ -12,7 +12,12 @@ import numpy as np
 
 
 class ClassificationReport(evaluate.Metric):
-    """Accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix."""
+    """Accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix.
+
+    Macro-F1 is the mean F1 of the classes the references hold: a class with no row there (a
+    rare class kept in train only) cannot be scored, and counting it as 0 would only lower the
+    mean by a constant.
+    """
 
     def _info(self) -> evaluate.MetricInfo:
         return evaluate.MetricInfo(
@@ -32,7 +37,7 @@ class ClassificationReport(evaluate.Metric):
         precision, recall, f1 = _per_class(matrix)
         return {
             "accuracy": float(np.trace(matrix) / max(matrix.sum(), 1)),
-            "macro_f1": float(f1.mean()),
+            "macro_f1": float(_macro(f1, matrix.sum(axis=1))),
             "precision": precision.tolist(),
             "recall": recall.tolist(),
             "f1": f1.tolist(),
@@ -56,6 +61,14 @@ def _per_class(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     denom = precision + recall
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
     return precision, recall, f1
+
+
+def _macro(f1: np.ndarray, support: np.ndarray) -> np.ndarray:
+    """Mean F1 (along the last axis) over the classes with ``support`` (all when none has)."""
+    present = support > 0
+    if not present.any():
+        present = np.ones_like(present)
+    return f1[..., present].mean(axis=-1)
 
 
 def _resampled_matrices(
@@ -89,7 +102,7 @@ def bootstrap_ci(
     idx = np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
     matrices = _resampled_matrices(y_true, y_pred, num_labels, idx)
     accuracy = np.trace(matrices, axis1=1, axis2=2) / n
-    macro_f1 = _per_class(matrices)[2].mean(axis=1)
+    macro_f1 = _macro(_per_class(matrices)[2], np.bincount(y_true, minlength=num_labels))
     return {
         "accuracy": _interval(accuracy, confidence),
         "macro_f1": _interval(macro_f1, confidence),
@@ -114,9 +127,10 @@ def paired_bootstrap_macro_f1(
     y_true, pred_a, pred_b = map(np.asarray, (y_true, pred_a, pred_b))
     n = len(y_true)
     idx = np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
-    f1_a = _per_class(_resampled_matrices(y_true, pred_a, num_labels, idx))[2].mean(axis=1)
-    f1_b = _per_class(_resampled_matrices(y_true, pred_b, num_labels, idx))[2].mean(axis=1)
-    full_a = _per_class(confusion_matrix(y_true, pred_a, num_labels))[2].mean()
-    full_b = _per_class(confusion_matrix(y_true, pred_b, num_labels))[2].mean()
+    support = np.bincount(y_true, minlength=num_labels)
+    f1_a = _macro(_per_class(_resampled_matrices(y_true, pred_a, num_labels, idx))[2], support)
+    f1_b = _macro(_per_class(_resampled_matrices(y_true, pred_b, num_labels, idx))[2], support)
+    full_a = _macro(_per_class(confusion_matrix(y_true, pred_a, num_labels))[2], support)
+    full_b = _macro(_per_class(confusion_matrix(y_true, pred_b, num_labels))[2], support)
     low, high = _interval(f1_a - f1_b, confidence)
     return float(full_a - full_b), low, high

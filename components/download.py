@@ -9,9 +9,11 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +26,10 @@ from fineserve.core.artifacts import (
     SPLITS,
     TEXT_COLUMN,
     DatasetMetadata,
+    RareClasses,
     write_dataset_metadata,
 )
-from fineserve.core.errors import DataError
+from fineserve.core.errors import DataError, preview, shown
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +107,10 @@ def read_table(
                 compression=compression,
             )
         if kind == "jsonl":
-            return pd.read_json(
-                source, lines=True, encoding=encoding, dtype=False, compression=compression
-            )
+            return _read_json_lines(path, source, encoding, compression)
         return pd.read_parquet(source)
+    except DataError:
+        raise
     except UnicodeDecodeError as err:
         raise DataError(
             f"{path!r} is not valid {encoding} (byte {err.object[err.start]:#04x} at offset "
@@ -117,6 +120,62 @@ def read_table(
         raise DataError(f"cannot read {path!r}: {err.strerror or err}") from err
     except (ValueError, OSError, ImportError) as err:
         raise DataError(f"cannot read {path!r} as {kind}: {err}") from err
+
+
+def _read_json_lines(path: str, source: Any, encoding: str, compression: Any) -> pd.DataFrame:
+    """A JSON Lines file as a DataFrame; a line that is not a JSON object is named."""
+    try:
+        return pd.read_json(
+            source, lines=True, encoding=encoding, dtype=False, compression=compression
+        )
+    except (ValueError, AttributeError) as err:  # AttributeError: a line holds a list, a number
+        if isinstance(err, UnicodeDecodeError):
+            raise
+        problem = _json_lines_problem(path, source, encoding, compression)
+        if problem is None and isinstance(err, ValueError):
+            raise
+        problem = problem or "every line must hold one JSON object"
+        raise DataError(f"cannot read {path!r} as JSON Lines: {problem}") from err
+
+
+def _json_lines_problem(path: str, source: Any, encoding: str, compression: Any) -> str | None:
+    """The first line of a JSON Lines file that is not one JSON object, in words (or None)."""
+    from fsspec.compression import compr
+
+    if compression == "infer":
+        name = path.lower().split("?")[0]
+        compression = next((c for s, c in _COMPRESSIONS.items() if name.endswith(s)), None)
+    if compression not in compr:  # a compression fsspec cannot open here (zstd): no line
+        return None
+    try:
+        if isinstance(source, io.BytesIO):
+            source.seek(0)
+            raw = compr[compression](source, mode="rb") if compression else source
+            handle = io.TextIOWrapper(raw, encoding=encoding)
+        else:
+            import fsspec
+
+            handle = fsspec.open(path, "rt", compression=compression, encoding=encoding).open()
+        with handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                start = shown(line.strip())
+                try:
+                    value = json.loads(line)
+                except ValueError as err:
+                    why = getattr(err, "msg", str(err))
+                    column = getattr(err, "colno", None)
+                    at = f", column {column}" if column else ""
+                    return f"line {number} is not JSON ({why}{at}): {start}"
+                if not isinstance(value, dict):
+                    return (
+                        f"line {number} holds a JSON {type(value).__name__}, not an object of "
+                        f'"column": value pairs: {start}'
+                    )
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def _is_file_source(source: str) -> bool:
@@ -172,12 +231,19 @@ def _read_hub(source: str, config: str, revision: str, split_names: dict[str, st
 
 
 def _check_columns(frames: dict[str, pd.DataFrame], text_column: str, label_column: str) -> None:
+    if text_column == label_column:
+        present = [str(c) for c in frames["train"].columns]
+        raise DataError(
+            f"text_column and label_column are both {text_column!r}: the text and the label "
+            f"must come from two different columns (columns present: [{preview(present, 20)}])"
+        )
     for split, frame in frames.items():
         for role, column in (("text", text_column), ("label", label_column)):
             if column not in frame.columns:
+                present = [str(c) for c in frame.columns]
                 raise DataError(
                     f"{role} column {column!r} is missing from split {split!r}; "
-                    f"columns present: {list(map(str, frame.columns))}"
+                    f"columns present: [{preview(present, 20)}]"
                 )
 
 
@@ -217,6 +283,41 @@ def _check_texts(frame: pd.DataFrame, split: str, text_column: str) -> None:
         )
 
 
+def _check_labels(frame: pd.DataFrame, split: str, label_column: str) -> None:
+    """Every label must be one value (a string or a number): a list or a struct is refused."""
+    labels = frame[LABEL_COLUMN]
+    if labels.dtype != object:
+        return
+    not_one = ~labels.map(pd.api.types.is_scalar)
+    if not_one.any():
+        row = int(not_one.idxmax())
+        value = labels[row]
+        found = "a struct" if isinstance(value, dict) else f"a list ({type(value).__name__})"
+        raise DataError(
+            f"split {split!r}: label column {label_column!r} holds {int(not_one.sum())} values "
+            f"that are not one class each (first at row {row}: {found} {shown(value, 50)}); "
+            "give each row one label, a string or an integer (a classifier picks one class)"
+        )
+
+
+#: A label column with at least this many distinct values and fewer than 2 rows per value on
+#: average holds ids or free text, not classes.
+ID_LIKE_DISTINCT = 20
+
+
+def check_label_cardinality(frame: pd.DataFrame, label_column: str, columns: list[str]) -> None:
+    """Refuse a label column that looks like an id or free text: most values are unique."""
+    counts = frame[LABEL_COLUMN].value_counts()
+    distinct, rows = len(counts), len(frame)
+    if distinct >= ID_LIKE_DISTINCT and 2 * distinct > rows:
+        raise DataError(
+            f"label column {label_column!r} has {distinct} distinct values in {rows} rows: it "
+            "looks like an id or free text, not a class (a class needs several rows); set "
+            f"label_column to the column that holds the class (columns: [{preview(columns)}]); "
+            f"its values: {preview(list(counts.index), 5)}"
+        )
+
+
 def encode_labels(frames: dict[str, pd.DataFrame], features: Any) -> list[str]:
     """Turn labels into ids 0..C-1 in place and return the names (id2label)."""
     import datasets
@@ -228,7 +329,10 @@ def encode_labels(frames: dict[str, pd.DataFrame], features: Any) -> list[str]:
         for split, frame in frames.items():
             outside = sorted(set(frame[LABEL_COLUMN].astype(int)) - set(range(len(names))))
             if outside:
-                raise DataError(f"split {split!r} has label ids {outside} outside {names}")
+                raise DataError(
+                    f"split {split!r} has label ids [{preview(outside)}] outside the "
+                    f"{len(names)} classes [{preview(names)}]"
+                )
             frames[split][LABEL_COLUMN] = frame[LABEL_COLUMN].astype(int)
     else:
         values = sorted(train.unique(), key=lambda v: (str(type(v)), v))
@@ -238,8 +342,8 @@ def encode_labels(frames: dict[str, pd.DataFrame], features: Any) -> list[str]:
             unseen = sorted(set(frame[LABEL_COLUMN].unique()) - ids.keys(), key=str)
             if unseen:
                 raise DataError(
-                    f"split {split!r} has labels never seen in train: {unseen[:10]}; "
-                    f"train labels: {names}"
+                    f"split {split!r} has labels never seen in train: [{preview(unseen)}]; "
+                    f"train labels: [{preview(names)}]"
                 )
             frames[split][LABEL_COLUMN] = frame[LABEL_COLUMN].map(ids).astype(int)
     present = sorted(set(frames["train"][LABEL_COLUMN]))
@@ -251,22 +355,36 @@ def encode_labels(frames: dict[str, pd.DataFrame], features: Any) -> list[str]:
     return names
 
 
-def _stratified_split(frame: pd.DataFrame, size: float | int, seed: int, what: str):
-    """Split ``frame`` into (rest, part), ``part`` having ``size`` rows or that fraction."""
+def class_counts_text(counts: dict[str, int], limit: int = 20) -> str:
+    """Classes and their row counts for a message: the first ``limit``, then how many more."""
+    listed = ", ".join(f"{shown(name, 40)} {n}" for name, n in list(counts.items())[:limit])
+    more = len(counts) - limit
+    return f"{listed}, ... ({more} more)" if more > 0 else listed
+
+
+def _fewest(frame: pd.DataFrame, label_names: list[str]) -> dict[str, int]:
+    """Each class of ``frame`` with its rows, fewest first (then by name)."""
+    counts = ((label_names[i], int(n)) for i, n in frame[LABEL_COLUMN].value_counts().items())
+    return dict(sorted(counts, key=lambda item: (item[1], item[0])))
+
+
+def _stratified_split(frame: pd.DataFrame, size: float | int, seed: int):
+    """Split ``frame`` into (rest, part), ``part`` having ``size`` rows or that fraction.
+
+    A ValueError when a class has too few rows, or a part fewer rows than there are classes.
+    """
     from sklearn.model_selection import train_test_split
 
-    try:
-        rest, part = train_test_split(
-            frame, test_size=size, stratify=frame[LABEL_COLUMN], random_state=seed
-        )
-    except ValueError as err:
-        counts = frame[LABEL_COLUMN].value_counts().to_dict()
-        raise DataError(f"cannot make a stratified {what} (class counts {counts}): {err}") from err
+    rest, part = train_test_split(
+        frame, test_size=size, stratify=frame[LABEL_COLUMN], random_state=seed
+    )
     return rest.reset_index(drop=True), part.reset_index(drop=True)
 
 
 def _cap(frame: pd.DataFrame, limit: int, seed: int, split: str, cap_name: str) -> pd.DataFrame:
-    """A sample of ``limit`` rows that keeps every class of ``frame`` (stratified)."""
+    """A sample of ``limit`` rows, stratified, that keeps at least one row of every class."""
+    from sklearn.model_selection import train_test_split
+
     if limit <= 0 or len(frame) <= limit:
         return frame
     counts = frame[LABEL_COLUMN].value_counts()
@@ -275,15 +393,38 @@ def _cap(frame: pd.DataFrame, limit: int, seed: int, split: str, cap_name: str) 
             f"{cap_name}={limit} cannot keep the {len(counts)} classes of split {split!r}; "
             f"set {cap_name} to at least {len(counts)} (better: tens of rows per class), or 0"
         )
-    if counts.min() >= 2:
-        _, kept = _stratified_split(frame, limit, seed, f"sample of {split}")
-    else:  # a class with one row: keep it, sample the rest
-        singles = frame[frame[LABEL_COLUMN].map(counts) == 1]
-        rest = frame.drop(singles.index).sample(n=limit - len(singles), random_state=seed)
-        kept = pd.concat([singles, rest]).sample(frac=1.0, random_state=seed)
-        kept = kept.reset_index(drop=True)
+    try:
+        _, kept = train_test_split(
+            frame, test_size=limit, stratify=frame[LABEL_COLUMN], random_state=seed
+        )
+    except ValueError:  # a class with one row, or too few rows left out to stratify
+        kept = frame.sample(n=limit, random_state=seed)
+    kept = _with_every_class(kept, frame, seed)
     log.info("split %r: kept %d of %d rows (%s)", split, limit, len(frame), cap_name)
-    return kept
+    return kept.reset_index(drop=True)
+
+
+def _with_every_class(kept: pd.DataFrame, frame: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """``kept`` with a row of each class of ``frame`` it lacks, in place of its commonest rows.
+
+    A proportional sample leaves out classes much rarer than one in ``len(kept)`` rows.
+    """
+    missing = sorted(set(frame[LABEL_COLUMN]) - set(kept[LABEL_COLUMN]))
+    if not missing:
+        return kept
+    added = (
+        frame[frame[LABEL_COLUMN].isin(missing)]
+        .groupby(LABEL_COLUMN)
+        .sample(n=1, random_state=seed)
+    )
+    left = kept[LABEL_COLUMN].value_counts()
+    removed = []
+    for _ in missing:
+        largest = left.idxmax()
+        left[largest] -= 1
+        removed.append(kept.index[kept[LABEL_COLUMN] == largest][left[largest]])
+    kept = pd.concat([kept.drop(index=removed), added])
+    return kept.sample(frac=1.0, random_state=seed)
 
 
 def fingerprint(frames: dict[str, pd.DataFrame], label_names: list[str]) -> str:
@@ -330,6 +471,7 @@ def select_columns(
 ) -> dict[str, dict[str, int]]:
     """Keep the text and label columns as `text`/`label` (in place); return rows dropped."""
     _check_columns(frames, text_column, label_column)
+    columns = [str(c) for c in frames["train"].columns]
     dropped: dict[str, dict[str, int]] = {}
     for split in list(frames):
         frame = frames[split][[text_column, label_column]]
@@ -338,22 +480,121 @@ def select_columns(
         if counts:
             dropped[split] = counts
         _check_texts(frames[split], split, text_column)
+        _check_labels(frames[split], split, label_column)
+    check_label_cardinality(frames["train"], label_column, columns)
     return dropped
 
 
+#: What `rare_classes` may say to do with a class under `min_class_rows` train rows.
+RARE_CLASS_POLICIES = ("keep", "drop", "fail")
+
+
+def find_rare_classes(frame: pd.DataFrame, label_names: list[str], min_rows: int) -> dict[str, int]:
+    """Classes with fewer than ``min_rows`` rows in ``frame`` (at least one), fewest first."""
+    return {name: n for name, n in _fewest(frame, label_names).items() if n < min_rows}
+
+
+def handle_rare_classes(
+    frames: dict[str, pd.DataFrame], label_names: list[str], *, min_class_rows: int, policy: str
+) -> tuple[list[str], dict[str, int], dict[str, int]]:
+    """Apply ``policy`` to the classes with fewer than ``min_class_rows`` train rows.
+
+    keep: nothing changes here (`make_missing_splits` keeps them out of the splits it makes);
+    drop: their rows leave every split, and their names the label names; fail: a DataError.
+    Returns the label names, the rare classes (name: train rows) and rows dropped per split.
+    """
+    if policy not in RARE_CLASS_POLICIES:
+        raise DataError(f"rare_classes must be keep, drop or fail, not {shown(policy)}")
+    if min_class_rows < 1:
+        raise DataError(f"min_class_rows must be at least 1, got {min_class_rows}")
+    rare = find_rare_classes(frames["train"], label_names, min_class_rows)
+    if not rare:
+        return label_names, rare, {}
+    what = (
+        f"{len(rare)} of {len(label_names)} classes have fewer than min_class_rows="
+        f"{min_class_rows} train rows: {class_counts_text(rare)}"
+    )
+    if policy == "fail":
+        raise DataError(
+            f"{what}; set rare_classes=keep (trained on, kept out of the validation and test "
+            "splits made here, reported) or rare_classes=drop (left out), lower min_class_rows, "
+            "or merge them into broader classes in the data"
+        )
+    if policy == "keep":
+        log.warning(
+            "%s; kept in train only (not held out for validation or test; scored only where "
+            "a given test split holds them)",
+            what,
+        )
+        return label_names, rare, {}
+    kept_names = [name for name in label_names if name not in rare]
+    left = frames["train"][LABEL_COLUMN].map(lambda i: label_names[i] not in rare)
+    if frames["train"][LABEL_COLUMN][left].nunique() < 2:
+        raise DataError(
+            f"{what}; dropping them (rare_classes=drop) leaves fewer than 2 classes to "
+            "classify: lower min_class_rows or keep them (rare_classes=keep)"
+        )
+    new_ids = {label_names.index(name): i for i, name in enumerate(kept_names)}
+    dropped = {}
+    for split, frame in frames.items():
+        keep = frame[LABEL_COLUMN].isin(new_ids.keys())
+        if not keep.all():
+            dropped[split] = int((~keep).sum())
+        frame = frame[keep].reset_index(drop=True)
+        frame[LABEL_COLUMN] = frame[LABEL_COLUMN].map(new_ids)
+        frames[split] = frame
+    log.warning("%s; dropped (rare_classes=drop): %s rows by split", what, dropped)
+    return kept_names, rare, dropped
+
+
 def make_missing_splits(
-    frames: dict[str, pd.DataFrame], validation_fraction: float, test_fraction: float, seed: int
+    frames: dict[str, pd.DataFrame],
+    validation_fraction: float,
+    test_fraction: float,
+    seed: int,
+    label_names: list[str],
+    train_only: Mapping[str, int] | None = None,
 ) -> list[str]:
-    """Hold validation and/or test out of train when missing (stratified); return their names."""
+    """Hold validation and/or test out of train when missing (stratified); return their names.
+
+    The classes of ``train_only`` (rare classes kept: name → rows) stay whole in train.
+    """
     created = [s for s in ("validation", "test") if s not in frames]
     if not created:
         return created
     total = test_fraction * ("test" in created) + validation_fraction * ("validation" in created)
-    rest, held_out = _stratified_split(frames["train"], total, seed, "/".join(created))
-    frames["train"] = rest
+    train, train_only = frames["train"], train_only or {}
+    aside = train[LABEL_COLUMN].isin([label_names.index(name) for name in train_only])
+    pool = train[~aside]
+    if aside.any() and pool[LABEL_COLUMN].nunique() < 2:
+        left = sorted(label_names[i] for i in pool[LABEL_COLUMN].unique())
+        raise DataError(
+            f"cannot make the {'/'.join(created)} split from train: it needs 2 classes with "
+            f"min_class_rows rows or more, and {len(left)} have them ([{preview(left)}]); the "
+            f"rare ones stay in train ({class_counts_text(dict(train_only))}); add rows, give "
+            "the split as its own file, or lower min_class_rows"
+        )
+    try:
+        rest, held_out = _stratified_split(pool, total, seed)
+        if len(created) == 2:
+            validation, test = _stratified_split(held_out, test_fraction / total, seed)
+    except ValueError as err:
+        # each created split needs a row of every class: about 2 / total rows of it for two
+        needed = max(2, math.ceil(2 / total - 1e-9)) if len(created) == 2 else 2
+        small = {name: n for name, n in _fewest(pool, label_names).items() if n < needed}
+        reason = (
+            f"each class needs at least {needed} train rows to reach "
+            f"{' and '.join(created)}, and these have fewer: {class_counts_text(small, 10)}"
+            if small
+            else f"{err}".split(". ")[0]  # a split with fewer rows than there are classes
+        )
+        raise DataError(
+            f"cannot make the {'/'.join(created)} split from train, stratified by class: "
+            f"{reason}; set min_class_rows to {needed} or more so that smaller classes stay in "
+            "train (rare_classes=keep), or give the split as its own file"
+        ) from err
+    frames["train"] = pd.concat([rest, train[aside]], ignore_index=True) if aside.any() else rest
     if len(created) == 2:
-        share = test_fraction / total
-        validation, test = _stratified_split(held_out, share, seed, "validation/test")
         frames["validation"], frames["test"] = validation, test
     else:
         frames[created[0]] = held_out
@@ -385,6 +626,7 @@ def save_splits(
     source: str,
     created: list[str],
     dropped: dict[str, dict[str, int]],
+    rare_classes: RareClasses,
 ) -> DatasetMetadata:
     """Save the splits as a DatasetDict and its `metadata.json`; return the metadata."""
     import datasets
@@ -412,6 +654,7 @@ def save_splits(
         },
         "created_splits": created,
         "dropped_rows": dropped,
+        "rare_classes": rare_classes,
         "fingerprint": fingerprint(frames, label_names),
     }
     write_dataset_metadata(out_dir, metadata)
@@ -437,6 +680,8 @@ def download(
     max_train_samples: int = 0,
     max_eval_samples: int = 0,
     drop_invalid_rows: bool = False,
+    min_class_rows: int = 10,
+    rare_classes: str = "keep",
     seed: int = 42,
     network_timeout: float = 60.0,
 ):
@@ -461,6 +706,14 @@ def download(
         max_eval_samples: Cap on validation and test rows each; 0 keeps all.
         drop_invalid_rows: Drop rows with null/empty text or null label (counted in the
             metadata) instead of failing.
+        min_class_rows: A class with fewer train rows than this is rare (10: the fewest that
+            put a class in both the validation and test splits made with the default
+            fractions); 1: no class is rare.
+        rare_classes: What to do with rare classes: `keep` (trained on, kept whole in train
+            when validation/test are made from it, so not scored unless a given test split
+            holds them), `drop` (left out of every split and of the model's labels) or `fail`.
+            Rare classes are listed by name in the log, the dataset metadata and the
+            evaluation report.
         seed: Seed for splitting and sampling.
         network_timeout: Seconds a URL may go without answering before the download fails
             (the step's retries then apply).
@@ -484,9 +737,27 @@ def download(
     )
     dropped = step.select_columns(frames, text_column, label_column, drop_invalid_rows)
     label_names = step.encode_labels(frames, features)
-    created = step.make_missing_splits(frames, validation_fraction, test_fraction, seed)
+    label_names, rare, rare_dropped = step.handle_rare_classes(
+        frames, label_names, min_class_rows=min_class_rows, policy=rare_classes
+    )
+    for split, rows in rare_dropped.items():
+        dropped.setdefault(split, {})["rare class"] = rows
+    created = step.make_missing_splits(
+        frames,
+        validation_fraction,
+        test_fraction,
+        seed,
+        label_names,
+        train_only=rare if rare_classes == "keep" else None,
+    )
     step.cap_splits(frames, max_train_samples, max_eval_samples, seed)
     metadata = step.save_splits(
-        frames, label_names, dataset.path, source=source, created=created, dropped=dropped
+        frames,
+        label_names,
+        dataset.path,
+        source=source,
+        created=created,
+        dropped=dropped,
+        rare_classes={"policy": rare_classes, "min_class_rows": min_class_rows, "classes": rare},
     )
     dataset.metadata.update(metadata)

@@ -25,7 +25,7 @@ from kfp.dsl import (
 
 from fineserve.components.decorator import component
 from fineserve.core.artifacts import LABEL_COLUMN, TEXT_COLUMN, EvaluationResults
-from fineserve.core.errors import DataError
+from fineserve.core.errors import DataError, shown
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,9 @@ def markdown_report(result: EvaluationResults) -> str:
     lines += ["", "## Per class", "", "| class | precision | recall | F1 | support |"]
     lines.append("| --- | --- | --- | --- | --- |")
     for i, name in enumerate(names):
+        if not model["support"][i]:
+            lines.append(f"| {name} | not in the test split | | | 0 |")
+            continue
         lines.append(
             f"| {name} | {model['precision'][i]:.4f} | {model['recall'][i]:.4f} | "
             f"{model['f1'][i]:.4f} | {model['support'][i]} |"
@@ -140,7 +143,8 @@ MIN_TEST_ROWS, MIN_TEST_ROWS_PER_CLASS = 100, 10
 def small_test_split_warnings(label_names: list[str], support: list[int]) -> list[str]:
     """Why the scores of a test split this small may mean little (empty when they do not)."""
     rows = sum(support)
-    smallest = min(range(len(support)), key=support.__getitem__)
+    scored = [i for i, n in enumerate(support) if n] or list(range(len(support)))
+    smallest = min(scored, key=support.__getitem__)
     if rows >= MIN_TEST_ROWS and support[smallest] >= MIN_TEST_ROWS_PER_CLASS:
         return []
     return [
@@ -148,6 +152,33 @@ def small_test_split_warnings(label_names: list[str], support: list[int]) -> lis
         f"{label_names[smallest]!r}): its scores and intervals say little; use at least "
         f"{MIN_TEST_ROWS} rows and {MIN_TEST_ROWS_PER_CLASS} per class (max_eval_samples, "
         "test_fraction)"
+    ]
+
+
+def unscored_class_warnings(
+    label_names: list[str], support: list[int], rare: dict[str, int] | None
+) -> list[str]:
+    """A warning naming the classes the test split does not hold: nothing scores them.
+
+    ``rare``: the download step's rare classes (name: train rows), to say why they are missing.
+    """
+    missing = [name for name, n in zip(label_names, support, strict=True) if n == 0]
+    if not missing:
+        return []
+    rare = rare or {}
+    named = ", ".join(
+        shown(name, 40) + (f" ({rare[name]} train rows)" if name in rare else "")
+        for name in missing[:20]
+    ) + (f", ... ({len(missing) - 20} more)" if len(missing) > 20 else "")
+    why = (
+        "rare classes, kept in train only (rare_classes=keep)"
+        if all(name in rare for name in missing)
+        else "the test split has no row of them"
+    )
+    return [
+        f"{len(missing)} of {len(label_names)} classes are not in the test split, so no score "
+        f"covers them: {named}; {why}, the model predicts them untested: give a test split "
+        "that holds them, or leave them out (rare_classes=drop)"
     ]
 
 
@@ -319,7 +350,10 @@ def evaluate(
         },
         "probe_texts": step.probe_texts(texts, y_true, seed),
     }
-    result["warnings"] = step.small_test_split_warnings(label_names, result["model"]["support"])
+    support = result["model"]["support"]
+    rare = artifacts.read_dataset_metadata(dataset.path).get("rare_classes") or {}
+    result["warnings"] = step.small_test_split_warnings(label_names, support)
+    result["warnings"] += step.unscored_class_warnings(label_names, support, rare.get("classes"))
     for warning in result["warnings"]:
         step.log.warning(warning)
     if baseline:

@@ -104,6 +104,8 @@ class LocalRun:
         return ", ".join(
             f"{name} {self.metrics[f'f1_{name}']:.2f}"
             + (f" ({self.baseline_f1[i]:.2f})" if self.baseline_f1 else "")
+            if f"f1_{name}" in self.metrics
+            else f"{name} -"  # not in the test split: a warning above names it
             for i, name in enumerate(names)
         )
 

@@ -172,7 +172,12 @@ def _write(tmp_path: Path, frame: pd.DataFrame, name: str = "d.csv") -> str:
         ("unknown_format", r"unknown file format \.xlsx .*supported: \.csv"),
         ("missing_path", r"cannot read '.*nope\.csv'"),
         ("bad_encoding", r"is not valid utf-8 \(byte 0xe9 at offset \d+\); set encoding"),
-        ("tiny_class", r"cannot make a stratified validation/test \(class counts"),
+        (
+            "tiny_class",
+            r"cannot make the validation/test split from train: it needs 2 classes with "
+            r"min_class_rows rows or more, and 1 have them \(\['a'\]\); the rare ones stay in "
+            r"train \('b' 1\)",
+        ),
     ],
 )
 def test_bad_input_fails_with_a_message_naming_the_problem(tmp_path, case, message):
@@ -288,3 +293,194 @@ def test_a_url_that_never_answers_fails_naming_url_and_timeout(tmp_path):
     finally:
         listener.close()
     assert time.monotonic() - started < 10
+
+
+# ------------------------------------------------------------------------------ inputs named
+
+
+def test_the_same_column_for_text_and_label_is_refused_naming_it(tmp_path):
+    source = _three_classes_csv(tmp_path / "d.csv")
+    with pytest.raises(DataError) as err:
+        download_dataset(str(source), str(tmp_path / "out"), text_column="label")
+    assert str(err.value) == (
+        "text_column and label_column are both 'label': the text and the label must come from "
+        "two different columns (columns present: ['text', 'label'])"
+    )
+
+
+@pytest.mark.parametrize(
+    ("labels", "found"),
+    [
+        ([["a", "b"], ["c"]], r"a list \(ndarray\) array\(\['a', 'b'\]"),
+        ([{"x": 1}, {"x": 2}], r"a struct \{'x': 1\}"),
+    ],
+)
+def test_a_label_column_of_lists_or_structs_is_refused_naming_column_and_type(
+    tmp_path, labels, found
+):
+    frame = pd.DataFrame({"text": [f"text {i}" for i in range(40)], "tags": labels * 20})
+    frame.to_parquet(tmp_path / "d.parquet")
+    pattern = (
+        r"^split 'train': label column 'tags' holds 40 values that are not one class each "
+        rf"\(first at row 0: {found}.*give each row one label"
+    )
+    with pytest.raises(DataError, match=pattern):
+        download_dataset(str(tmp_path / "d.parquet"), str(tmp_path / "out"), label_column="tags")
+
+
+def _jsonl(path: Path, bad_line: int, text: str, rows: int = 40) -> str:
+    lines = [json.dumps({"text": f"text {i}", "label": "ab"[i % 2]}) for i in range(rows)]
+    lines[bad_line - 1] = text
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            '{"text": "broken, "label": "a"}',
+            r"line 18 is not JSON \(Expecting ',' delimiter, column 20\): "
+            r"'\{\"text\": \"broken, \"label\": \"a\"\}'$",
+        ),
+        ("[1, 2]", r"line 18 holds a JSON list, not an object .*: '\[1, 2\]'$"),
+        ('"just text"', r"line 18 holds a JSON str, not an object"),
+    ],
+)
+def test_a_jsonl_line_that_is_not_a_json_object_is_named_with_its_number(tmp_path, text, message):
+    source = _jsonl(tmp_path / "d.jsonl", 18, text)
+    with pytest.raises(DataError, match=rf"^cannot read '.*d\.jsonl' as JSON Lines: {message}"):
+        download_dataset(source, str(tmp_path / "out"))
+
+
+def test_a_bad_line_in_a_compressed_jsonl_file_is_named_too(tmp_path):
+    import gzip
+
+    plain = _jsonl(tmp_path / "d.jsonl", 31, '{"text": "cut off"')
+    packed = tmp_path / "d.jsonl.gz"
+    packed.write_bytes(gzip.compress(Path(plain).read_bytes()))
+    with pytest.raises(DataError, match=r"d\.jsonl\.gz' as JSON Lines: line 31 is not JSON"):
+        download_dataset(str(packed), str(tmp_path / "out"))
+
+
+def test_a_label_column_of_ids_is_refused_with_the_reason_first_in_a_short_message(tmp_path):
+    frame = pd.DataFrame(
+        {
+            "text": [f"text {i}" for i in range(6000)],
+            "label": [f"id-{i % 5000:05d}" for i in range(6000)],
+        }
+    )
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    with pytest.raises(DataError) as err:
+        download_dataset(str(tmp_path / "d.csv"), str(tmp_path / "out"))
+    message = str(err.value)
+    assert message.startswith(
+        "label column 'label' has 5000 distinct values in 6000 rows: it looks like an id or "
+        "free text, not a class"
+    )
+    assert "'id-00000', 'id-00001'" in message and "(4995 more)" in message
+    assert len(message) < 500
+
+
+def test_labels_never_seen_in_train_are_listed_briefly(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    classes = [f"c{i:03d}" for i in range(200)]
+    train = pd.DataFrame({"text": [f"t {i}" for i in range(400)], "label": classes * 2})
+    _write(folder, train, "train.csv")
+    test = pd.DataFrame({"text": [f"u {i}" for i in range(100)]})
+    test["label"] = [f"new{i}" for i in range(100)]
+    _write(folder, test, "test.csv")
+    with pytest.raises(DataError) as err:
+        download_dataset(str(folder), str(tmp_path / "out"))
+    message = str(err.value)
+    assert message.startswith("split 'test' has labels never seen in train: ['new0', 'new1'")
+    assert "(90 more)" in message and "(190 more)" in message and len(message) < 600
+
+
+# ------------------------------------------------------------------------------ rare classes
+
+#: Question types as in TREC: most classes have tens of rows, seven have fewer than 10.
+RARE = {"ENTY:currency": 2, "NUM:ord": 2, "ENTY:religion": 3, "NUM:temp": 3, "ABBR:abb": 4}
+RARE |= {"NUM:code": 6, "ENTY:letter": 9}
+
+
+def _trec_like(path: Path) -> str:
+    counts = {f"TYPE:{i:02d}": 12 + 3 * i for i in range(43)} | RARE
+    rows = [
+        {"text": f"question {i} of {name}", "label": name}
+        for name, n in counts.items()
+        for i in range(n)
+    ]
+    pd.DataFrame(rows).sample(frac=1.0, random_state=0).to_csv(path, index=False)
+    return str(path)
+
+
+def test_rare_classes_are_kept_in_train_named_and_the_run_goes_on(tmp_path):
+    source = _trec_like(tmp_path / "trec.csv")
+    meta = download_dataset(source, str(tmp_path / "out"), max_train_samples=600)
+    assert meta["rare_classes"] == {
+        "policy": "keep",
+        "min_class_rows": 10,
+        "classes": dict(sorted(RARE.items(), key=lambda item: (item[1], item[0]))),
+    }
+    assert meta["rows"]["train"] == 600
+    assert len(meta["label_names"]) == 50
+    counts = meta["class_counts"]
+    assert set(counts["train"]) == set(meta["label_names"])  # the cap keeps every class
+    for split in ("validation", "test"):
+        assert not set(RARE) & set(counts[split]), split  # never held out
+        assert len(counts[split]) == 43
+
+
+def test_rare_classes_can_be_dropped_from_every_split_and_the_labels(tmp_path):
+    source = _trec_like(tmp_path / "trec.csv")
+    meta = download_dataset(source, str(tmp_path / "out"), rare_classes="drop")
+    assert len(meta["label_names"]) == 43 and not set(RARE) & set(meta["label_names"])
+    assert meta["dropped_rows"] == {"train": {"rare class": sum(RARE.values())}}
+    assert meta["rare_classes"]["policy"] == "drop"
+    data = _load(tmp_path / "out")
+    assert data["train"].features["label"].names == meta["label_names"]
+    assert max(data["train"]["label"]) == 42
+
+
+def test_rare_classes_fail_only_when_asked_naming_each_with_its_rows(tmp_path):
+    source = _trec_like(tmp_path / "trec.csv")
+    with pytest.raises(DataError) as err:
+        download_dataset(source, str(tmp_path / "out"), rare_classes="fail")
+    assert str(err.value).startswith(
+        "7 of 50 classes have fewer than min_class_rows=10 train rows: 'ENTY:currency' 2, "
+        "'NUM:ord' 2, 'ENTY:religion' 3, 'NUM:temp' 3, 'ABBR:abb' 4, 'NUM:code' 6, "
+        "'ENTY:letter' 9; set rare_classes=keep"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_class_too_small_to_split_is_named_when_min_class_rows_lets_it_through(tmp_path):
+    source = _trec_like(tmp_path / "trec.csv")
+    with pytest.raises(DataError) as err:
+        download_dataset(source, str(tmp_path / "out"), min_class_rows=1)
+    assert str(err.value) == (
+        "cannot make the validation/test split from train, stratified by class: each class "
+        "needs at least 10 train rows to reach validation and test, and these have fewer: "
+        "'ENTY:currency' 2, 'NUM:ord' 2, 'ENTY:religion' 3, 'NUM:temp' 3, 'ABBR:abb' 4, "
+        "'NUM:code' 6, 'ENTY:letter' 9; set min_class_rows to 10 or more so that smaller "
+        "classes stay in train (rare_classes=keep), or give the split as its own file"
+    )
+
+
+def test_a_cap_keeps_a_class_far_rarer_than_one_row_in_the_sample(tmp_path):
+    rows = [{"text": f"t {i}", "label": "big"} for i in range(3000)]
+    rows += [{"text": f"m {i}", "label": "mid"} for i in range(2000)]
+    rows += [{"text": f"r {i}", "label": "rare"} for i in range(3)]
+    pd.DataFrame(rows).to_csv(tmp_path / "train.csv", index=False)
+    pd.DataFrame(rows[:20] + rows[3000:3020] + rows[-1:]).to_csv(
+        tmp_path / "validation.csv", index=False
+    )
+    pd.DataFrame(rows[20:40] + rows[3020:3040] + rows[-1:]).to_csv(
+        tmp_path / "test.csv", index=False
+    )
+    meta = download_dataset(str(tmp_path), str(tmp_path / "out"), max_train_samples=100)
+    assert meta["rows"]["train"] == 100
+    assert meta["class_counts"]["train"]["rare"] >= 1
+    assert meta["rare_classes"]["classes"] == {"rare": 3}  # kept (the default), and named

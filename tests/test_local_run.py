@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 
 from fineserve.core.artifacts import read_probe_texts
@@ -137,3 +138,32 @@ def test_a_failing_step_fails_the_run_with_its_message(small_corpus_csv, tmp_pat
     assert "Traceback" not in run.stdout
     assert "the full output of every step is in" in run.stdout
     assert len(run.stdout.splitlines()) < 40
+
+
+def test_a_dataset_with_rare_classes_runs_through_and_the_summary_names_them(
+    tiny_base_model, tmp_path
+):
+    rows = [
+        {"text": f"{label} question number {i}", "label": label}
+        for label, count in {"HUM:ind": 40, "LOC:city": 40, "NUM:date": 40, "ABBR:abb": 3}.items()
+        for i in range(count)
+    ]
+    pd.DataFrame(rows).to_csv(tmp_path / "trec.csv", index=False)
+    run = _fineserve(
+        "run", "--local",
+        "-p", f"dataset={tmp_path / 'trec.csv'}", "-p", f"base_model={tiny_base_model}",
+        "-p", "max_length=16", "-p", "epochs=1", "-p", "n_bootstrap=50",
+        "-p", "serving_precisions=none", "-p", "model_name=rare",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    out = run.stdout
+    assert (
+        "WARNING: 1 of 4 classes are not in the test split, so no score covers them: "
+        "'ABBR:abb' (3 train rows); rare classes, kept in train only (rare_classes=keep)" in out
+    ), out
+    assert "ABBR:abb -, HUM:ind " in out  # no per-class score for it
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    version = client.get_model_version_by_alias("rare", "challenger")
+    report = client.download_artifacts(version.run_id, "evaluation/report.md", str(tmp_path))
+    assert "| ABBR:abb | not in the test split |" in Path(report).read_text()

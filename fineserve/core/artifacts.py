@@ -59,8 +59,19 @@ PREVIOUS = "previous"
 ALIASES = (CHALLENGER, CHAMPION, PREVIOUS)
 
 
+class RareClasses(TypedDict):
+    """The download step's rare classes and what it did with them (keep, drop or fail).
+
+    `classes`: each class with fewer than `min_class_rows` train rows → its train rows.
+    """
+
+    policy: str
+    min_class_rows: int
+    classes: dict[str, int]
+
+
 class DatasetMetadata(TypedDict):
-    """`metadata.json` of the download step's Dataset."""
+    """`metadata.json` of the download step's Dataset (`rare_classes`: absent in older ones)."""
 
     source: str
     label_names: list[str]
@@ -68,6 +79,7 @@ class DatasetMetadata(TypedDict):
     class_counts: dict[str, dict[str, int]]
     created_splits: list[str]
     dropped_rows: dict[str, dict[str, int]]
+    rare_classes: RareClasses
     fingerprint: str
 
 
@@ -213,8 +225,10 @@ def summary_metrics(results: EvaluationResults) -> dict[str, float]:
         "macro_f1_ci_low": ci["macro_f1"][0],
         "macro_f1_ci_high": ci["macro_f1"][1],
     }
-    for name, f1 in zip(results["label_names"], model["f1"], strict=True):
-        scalars[f"f1_{name}"] = f1
+    support = model.get("support") or [1] * len(model["f1"])  # absent: not made by evaluate
+    for name, f1, rows in zip(results["label_names"], model["f1"], support, strict=True):
+        if rows:  # a class the test split does not hold has no score
+            scalars[f"f1_{name}"] = f1
     for name, scores in results.get("precisions", {}).items():
         scalars[f"{name}_macro_f1"] = scores["macro_f1"]
         scalars[f"{name}_agreement"] = scores["agreement"]

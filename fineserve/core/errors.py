@@ -15,3 +15,18 @@ class RegistryError(ValueError):
 
 class ClusterError(RuntimeError):
     """A Kubernetes request or rollout that failed; the message names the object and the fix."""
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """``repr(value)`` for a message, cut to about ``limit`` characters (saying how long it was)."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
+
+
+def preview(items: list, limit: int = 10) -> str:
+    """The first ``limit`` of ``items`` for a message, each `shown`, and how many more there are."""
+    listed = ", ".join(shown(item, 40) for item in items[:limit])
+    more = len(items) - limit
+    return f"{listed}, ... ({more} more)" if more > 0 else listed
