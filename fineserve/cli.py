@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from fineserve.core.errors import ClusterError, DataError, ParameterError, RegistryError
+from fineserve.core.errors import ClusterError, DataError, ParameterError, RegistryError, shown
 
 
 def _compile(args: argparse.Namespace) -> None:
@@ -58,10 +58,13 @@ def _connect(args: argparse.Namespace, kubeflow):
     """The kubeflow settings with the command's flags applied, and a checked connection."""
     import dataclasses
 
-    from fineserve.pipelines import kfp_api
+    from fineserve.pipelines import cluster_names, kfp_api
 
     flags = ("host", "namespace", "experiment", "image")
     overrides = {name: getattr(args, name) for name in flags if getattr(args, name, "")}
+    problem = cluster_names.dns1123_label_problem(args.namespace) if args.namespace else None
+    if problem:  # as kubeflow.namespace is checked in the params file
+        raise ParameterError(f"--namespace {problem}, got {shown(args.namespace)}")
     kubeflow = dataclasses.replace(kubeflow, **overrides)
     token = kfp_api.read_token(args.token_file)
     return kubeflow, kfp_api.connect(kubeflow.host, kubeflow.namespace, token)

@@ -29,6 +29,10 @@ CRON_FIELDS = (
     ("month", 1, 12),
     ("day of week", 0, 6),
 )
+#: KFP's ScheduledWorkflow controller (backend/src/crd/controller/scheduledworkflow/util/
+#: cron_schedule.go) schedules with robfig/cron v1.2.0, whose `Next` (spec.go) returns the zero
+#: time, i.e. never, for a schedule that matches no time within five years.
+FIRE_HORIZON_YEARS = 5
 _NAMES = {
     "month": {m: i for i, m in enumerate(
         ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"], 1)},
@@ -132,7 +136,14 @@ def to_six_fields(expression: str) -> str:
         )
     for part, (name, low, high) in zip(parts, CRON_FIELDS, strict=True):
         _check_cron_field(part, name, low, high)
-    return " ".join(parts)
+    six_fields = " ".join(parts)
+    if not next_runs(six_fields, 1):
+        raise ParameterError(
+            f"cron {expression!r} never fires: no time matches it within {FIRE_HORIZON_YEARS} "
+            "years, after which KFP's scheduler gives up; check that its days of the month "
+            "exist in its months (30 February never comes)"
+        )
+    return six_fields
 
 
 def _check_cron_field(text: str, name: str, low: int, high: int) -> None:
@@ -167,14 +178,27 @@ def _check_cron_field(text: str, name: str, low: int, high: int) -> None:
 
 
 def next_runs(six_field: str, count: int = 3, now: datetime | None = None) -> list[datetime]:
-    """When the next ``count`` runs of ``six_field`` start (UTC, as the backend schedules)."""
-    from croniter import croniter
+    """When the next ``count`` runs of ``six_field`` start (UTC, as the backend schedules).
+
+    Fewer (none) when the cron matches no time within `FIRE_HORIZON_YEARS` of the last one.
+    """
+    from croniter import CroniterBadDateError, croniter
 
     second, *rest = six_field.split()
     # croniter's six-field form puts the seconds last
     start = now or datetime.now(timezone.utc)
-    cron = croniter(" ".join([*rest, second]).replace("?", "*"), start)
-    return [cron.get_next(datetime) for _ in range(count)]
+    cron = croniter(
+        " ".join([*rest, second]).replace("?", "*"),
+        start,
+        max_years_between_matches=FIRE_HORIZON_YEARS,
+    )
+    runs: list[datetime] = []
+    try:
+        while len(runs) < count:
+            runs.append(cron.get_next(datetime))
+    except CroniterBadDateError:
+        pass
+    return runs
 
 
 def parse_interval(text: str) -> int:

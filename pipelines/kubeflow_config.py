@@ -27,10 +27,12 @@ per-step timeouts and retries, image pull secrets, the run's ServiceAccount.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from fineserve.core.errors import ParameterError
+from fineserve.core.errors import ParameterError, shown
+from fineserve.pipelines import cluster_names as names
 
 SECTION = "kubeflow"
 #: The DAG's tasks, as `timeouts`, `retries` and a secret's `steps` name them.
@@ -43,7 +45,6 @@ CACHE_MOUNT = "/cache"
 TOLERATION_KEYS = {"key", "operator", "value", "effect", "toleration_seconds"}
 _DURATION = re.compile(r"^(\d+)([smhd]?)$")
 _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-_K8S_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -85,13 +86,13 @@ def _string(key: str, value: Any) -> str:
     return value
 
 
-def _k8s_name(key: str, value: Any) -> str:
+def _k8s_name(
+    key: str, value: Any, check: Callable[[str], str | None] = names.dns1123_subdomain_problem
+) -> str:
     value = _string(key, value)
-    if not _K8S_NAME.match(value) or len(value) > 253:
-        raise ParameterError(
-            f"{_where(key)} must be a Kubernetes object name (lowercase letters, digits, '-', "
-            f"'.'), got {value!r}"
-        )
+    problem = check(value)
+    if problem:
+        raise ParameterError(f"{_where(key)} {problem}, got {shown(value)}")
     return value
 
 
@@ -195,7 +196,11 @@ def parse(section: Any) -> KubeflowConfig:
     for name in ("host", "image", "experiment"):
         if name in section:
             values[name] = _string(name, section[name])
-    for name in ("namespace", "service_account", "cache_pvc"):
+    if "namespace" in section:
+        values["namespace"] = _k8s_name(
+            "namespace", section["namespace"], names.dns1123_label_problem
+        )
+    for name in ("service_account", "cache_pvc"):
         if name in section:
             values[name] = _k8s_name(name, section[name])
     if "image_pull_secrets" in section:

@@ -117,7 +117,9 @@ def test_compile_takes_the_image_from_the_flag(tmp_path, capsys):
     ("section", "message"),
     [
         ({"hosts": "x"}, "unknown keys ['kubeflow.hosts']"),
-        ({"namespace": "Team_ML"}, "kubeflow.namespace must be a Kubernetes object name"),
+        ({"namespace": "Team_ML"}, "kubeflow.namespace must be a DNS-1123 label"),
+        ({"namespace": "team.ml"}, "kubeflow.namespace must be a DNS-1123 label"),
+        ({"service_account": "SA"}, "kubeflow.service_account must be a Kubernetes object name"),
         ({"timeouts": {"train": "soon"}}, "kubeflow.timeouts.train must be a positive duration"),
         ({"timeouts": {"trian": 60}}, "kubeflow.timeouts: unknown step 'trian'"),
         ({"retries": {"train": "2"}}, "kubeflow.retries.train must be 0-10"),
@@ -166,6 +168,25 @@ def test_a_bad_cron_names_the_field_and_its_range(cron, message):
     with pytest.raises(ParameterError) as err:
         kfp_api.to_six_fields(cron)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("cron", ["0 0 30 2 *", "0 0 31 4,6,9,11 *", "0 0 0 30 feb ?"])
+def test_a_cron_that_never_fires_is_refused(cron):
+    with pytest.raises(ParameterError) as err:
+        kfp_api.to_six_fields(cron)
+    assert str(err.value).startswith(
+        f"cron {cron!r} never fires: no time matches it within 5 years, after which KFP's "
+        "scheduler gives up"
+    )
+
+
+def test_a_cron_that_fires_rarely_or_on_either_day_field_is_accepted():
+    now = datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc)
+    assert kfp_api.next_runs(kfp_api.to_six_fields("0 0 29 2 *"), 2, now)[1].year == 2032
+    # a day of month and a day of week both set: either fires (robfig/cron, as Unix cron)
+    runs = kfp_api.next_runs(kfp_api.to_six_fields("0 0 30 2 mon"), 1, now)
+    assert runs[0].isoformat() == "2027-02-01T00:00:00+00:00"
+    assert kfp_api.next_runs("0 0 0 30 2 *", 3, now) == []  # listed with no next run, no error
 
 
 def test_next_runs_of_daily_at_three():
@@ -336,6 +357,19 @@ def test_bad_credentials_or_namespace_create_nothing(
         (["schedule", "create", "x", "--every", "soon"], "--every must be a positive duration"),
         (["submit", "-p", "epochz=3"], "unknown parameter 'epochz'; did you mean 'epochs'?"),
         (["submit", "-p", "epochs=many"], "parameter 'epochs' expects a number, got 'many'"),
+        (["schedule", "create", "x", "--cron", "0 0 30 2 *"], "cron '0 0 30 2 *' never fires"),
+        (["submit", "-p", "model_name=" + "m" * 10_000_000], "'model_name' is 10000000 char"),
+        (["submit", "-p", "inference_service=Bad_Name!"], "'inference_service' must be a DNS-1035"),
+        (["submit", "-p", "namespace=NOT A NS"], "parameter 'namespace' must be a DNS-1123 label"),
+        (["submit", "-p", "predictor_memory=lots"], "'predictor_memory' must be a Kubernetes quan"),
+        (["submit", "-p", "predictor_cpu_limit=1", "-p", "predictor_cpu=2"], "cpu request 2 is"),
+        (["submit", "-p", "text_column=label"], "text_column and label_column are both 'label'"),
+        (["submit", "-n", "NOT A NS"], "--namespace must be a DNS-1123 label"),
+        (["schedule", "list", "-n", "NOT A NS"], "--namespace must be a DNS-1123 label"),
+        (
+            ["schedule", "create", "x", "--every", "6h", "-p", "inference_service=Bad_Name!"],
+            "'inference_service' must be a DNS-1035 label",
+        ),
     ],
 )
 def test_bad_input_is_refused_before_any_request(kfp, params_file, token, capsys, argv, message):

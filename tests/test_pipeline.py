@@ -315,3 +315,166 @@ def test_params_shows_the_cluster_and_the_local_default(capsys):
     assert rows["epochs"] == ["0.0", "1.0"]  # the recipe decides; the shipped corpus: 1 epoch
     assert rows["batch_size"] == ["32", "(same)"]
     assert rows["base_model"][0] == "'distilbert-base-uncased'"
+
+
+# ------------------------------------------------------------------------------ params files
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"epochs: 2\n1: 3\n", r"line 2: key '1' is not a name \(YAML reads it as int\)"),
+        (b"epochs: 2\nnull: x\n", r"line 2: key 'null' is not a name \(YAML reads it as null\)"),
+        (b"epochs: 2\nepochs: 3\n", r"line 2: key 'epochs' is given twice \(first on line 1\)"),
+        (b"epochs: [1, 2]\n", r"line 1: 'epochs' holds a list; a parameter's value is one"),
+        (b"model_name:\n  a: 1\n", r"line 2: 'model_name' holds a mapping"),
+        (b"kubeflow:\n  timeouts:\n    7: 60\n", r"line 3: key '7' is not a name"),
+        (b"epochs: 2\nmodel_name: caf\xe9\n", r"is not UTF-8 text \(byte 0xe9 on line 2\)"),
+        (b"a: " + b"[" * 5000 + b"]" * 5000, r"line 1: nested more than 8 levels deep"),
+        (
+            b"".join(b" " * i + b"k%d:\n" % i for i in range(5000)) + b" " * 5000 + b"v: 1\n",
+            r"line 9: nested more than 8 levels deep",
+        ),
+        (b"- epochs\n", r"must hold a mapping of name: value, not a list"),
+        (b"epochs: [\n", r"is not valid YAML"),
+    ],
+    ids=[
+        "integer-key", "null-key", "twice", "list-value", "mapping-value", "nested-int-key",
+        "not-utf8", "nested-flow", "nested-block", "a-list", "broken",
+    ],
+)  # fmt: skip
+def test_a_params_file_that_is_not_a_flat_mapping_of_names_is_refused_naming_line_and_key(
+    tmp_path, content, message
+):
+    path = tmp_path / "p.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ParameterError, match=rf"^parameter file '{path}'(, | ).*{message}"):
+        load_params_file(path)
+
+
+def test_a_params_file_is_checked_by_every_command_before_anything_runs(tmp_path, capsys):
+    from fineserve.cli import main
+
+    (tmp_path / "p.yaml").write_bytes(b"epochs: 2\n1: 3\n")
+    for argv in (
+        ["run", "--local", "--output-dir", str(tmp_path)],
+        ["compile", "-o", str(tmp_path / "t.yaml")],
+        ["submit"],
+        ["schedule", "create", "nightly", "--cron", "0 3 * * *"],
+    ):
+        with pytest.raises(SystemExit) as exited:
+            main([*argv, "--params", str(tmp_path / "p.yaml")])
+        assert exited.value.code == 2, argv
+        err = capsys.readouterr().err
+        assert f"parameter file '{tmp_path / 'p.yaml'}', line 2: key '1' is not a name" in err, argv
+        assert "Traceback" not in err
+    assert not (tmp_path / "local_outputs").exists() and not (tmp_path / "t.yaml").exists()
+
+
+def test_yaml_anchors_and_a_kubeflow_section_still_load(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "model_name: &name demo\nexperiment_name: *name\n"
+        "kubeflow:\n  secrets:\n    - {name: s3, keys: {AWS_KEY: AWS_KEY}}\n"
+    )
+    assert load_params_file(path) == {
+        "model_name": "demo",
+        "experiment_name": "demo",
+        "kubeflow": {"secrets": [{"name": "s3", "keys": {"AWS_KEY": "AWS_KEY"}}]},
+    }
+
+
+# ------------------------------------------------------------------------------ cluster names
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"model_name": "m" * 10_000_000},
+            r"'model_name' is 10000000 characters long, at most 256",
+        ),
+        ({"model_name": "team/model"}, r"'model_name' must not contain '/'"),
+        ({"model_name": "it's"}, r"'model_name' must not contain \"'\""),
+        ({"model_name": ".."}, r"'model_name' must stay the same name when read as a path"),
+        ({"model_name": " "}, r"'model_name' must not be empty"),
+        ({"model_name": "./x"}, r"'model_name' must not contain '/'"),
+        ({"experiment_name": ""}, r"'experiment_name' must not be empty"),
+        ({"inference_service": "Bad_Name!"}, r"'inference_service' must be a DNS-1035 label"),
+        ({"inference_service": "9lives"}, r"'inference_service' must be a DNS-1035 label"),
+        (
+            {"inference_service": "a" * 54},
+            r"is 54 characters long: in Serverless mode at most 53, as KServe names the "
+            r"predictor's Service NAME-predictor",
+        ),
+        (
+            {"inference_service": "a" * 37, "deployment_mode": "Standard"},
+            r"in Standard mode at most 36, as KServe names the predictor's Service "
+            r"NAME-predictor-vVERSION-predictor",
+        ),
+        ({"namespace": "NOT A NS"}, r"'namespace' must be a DNS-1123 label"),
+        ({"namespace": "team.ml"}, r"'namespace' must be a DNS-1123 label"),
+        ({"namespace": "n" * 64}, r"'namespace' is 64 characters long, at most 63"),
+        ({"storage_service_account": "Storage"}, r"'storage_service_account' must be a Kub"),
+        ({"predictor_memory": "lots"}, r"'predictor_memory' must be a Kubernetes quantity"),
+        ({"predictor_memory_limit": "4 Gi"}, r"'predictor_memory_limit' must be a Kubernetes"),
+        ({"predictor_cpu": "inf"}, r"'predictor_cpu' must be a Kubernetes quantity"),
+        ({"predictor_cpu_limit": "0"}, r"'predictor_cpu_limit' must be a quantity above 0"),
+        ({"predictor_cpu": "3"}, r"cpu request 3 is above its limit 2"),
+        ({"min_replicas": "0", "deployment_mode": "Standard"}, r"Standard mode cannot scale to"),
+        ({"text_column": "label"}, r"text_column and label_column are both 'label'"),
+        ({"min_class_rows": "0"}, r"'min_class_rows' must be at least 1"),
+        ({"rare_classes": "merge"}, r"'rare_classes' must be keep, drop or fail, got 'merge'"),
+    ],
+)
+def test_names_and_quantities_the_cluster_would_refuse_are_refused_first(values, message):
+    with pytest.raises(ParameterError, match=message) as err:
+        validate(values, _types())
+    assert len(str(err.value)) < 400  # the value is shown shortened
+
+
+def test_every_default_passes_the_checks_on_the_cluster_and_locally(tmp_path):
+    types = _types()
+    assert validate({}, types) == {}
+    validate({name: default for name, (_, default) in types.items()}, types)
+    local_run_arguments(training_pipeline, {}, root=tmp_path)
+    names = {"inference_service": "a" * 53, "namespace": "team-ml", "model_name": "Ünïcode model"}
+    assert validate({**names, "predictor_memory": "1.5Gi", "predictor_cpu": "500m"}, types)
+
+
+def test_text_and_label_columns_are_compared_once_the_local_defaults_apply(tmp_path):
+    # the shipped corpus labels its rows in `sentiment`: a text column named `label` is fine
+    assert local_run_arguments(training_pipeline, {"text_column": "label"}, root=tmp_path)
+    with pytest.raises(ParameterError, match="text_column and label_column are both 'sentiment'"):
+        local_run_arguments(training_pipeline, {"text_column": "sentiment"}, root=tmp_path)
+
+
+def test_model_names_mlflow_refuses_are_refused_here_too():
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.model_registry.file_store import _validate_model_name
+
+    from fineserve.pipelines.cluster_names import registered_model_name_problem
+
+    for name in ("ok", "a/b", "a:b", "50%", "..", ".", "a/./b", " ", "x/", "../x", "a\\b"):
+        try:
+            _validate_model_name(name)
+        except MlflowException:
+            assert registered_model_name_problem(name), name
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["-p", "inference_service=Bad_Name!", "-p", "kube_context=prod"],
+        ["-p", "text_column=text", "-p", "label_column=text"],
+        ["-p", "predictor_memory=lots"],
+    ],
+)
+def test_a_local_run_refuses_them_before_anything_runs(tmp_path, capsys, argv):
+    from fineserve.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "--local", "--output-dir", str(tmp_path), "-p", "dataset=x.csv", *argv])
+    assert exited.value.code == 2
+    assert "fineserve run: " in capsys.readouterr().err
+    assert not (tmp_path / "local_outputs").exists()
