@@ -46,9 +46,17 @@ if TYPE_CHECKING:
 LEASE_ANNOTATION = "fineserve.io/analysis-lease"
 DEFAULT_STEPS = (10, 25, 50, 100)
 
-#: Endpoints that classify texts (HTTP v1/v2, gRPC), and the codes that are server errors.
+#: Endpoints that classify texts (HTTP v1/v2, gRPC).
 _INFER_ENDPOINTS = ".*/infer|.*:predict|ModelInfer"
-_SERVER_ERRORS = "5..|INTERNAL|UNKNOWN|UNAVAILABLE|DATA_LOSS|DEADLINE_EXCEEDED"
+#: Status codes of server errors and of refused requests (client errors), HTTP and gRPC, as
+#: google.rpc.Code maps gRPC's to HTTP's (googleapis google/rpc/code.proto). A client that gave
+#: up is neither: HTTP 499, gRPC CANCELLED (499 there) and DEADLINE_EXCEEDED, which the predictor
+#: records only when the client's deadline passed (slowness is the p99 check's to judge).
+SERVER_ERRORS = "5..|UNKNOWN|INTERNAL|UNIMPLEMENTED|UNAVAILABLE|DATA_LOSS"
+CLIENT_ERRORS = (
+    "4..|INVALID_ARGUMENT|FAILED_PRECONDITION|OUT_OF_RANGE|UNAUTHENTICATED|PERMISSION_DENIED|"
+    "NOT_FOUND|ALREADY_EXISTS|ABORTED|RESOURCE_EXHAUSTED"
+)
 _SELECTOR = 'model_name="$model",model_version="$version"'
 _REQUESTS = f'{_SELECTOR},endpoint=~"{_INFER_ENDPOINTS}"'
 
@@ -56,7 +64,7 @@ _REQUESTS = f'{_SELECTOR},endpoint=~"{_INFER_ENDPOINTS}"'
 QUERIES: dict[str, str] = {
     "requests": f"sum(increase(fineserve_requests_total{{{_REQUESTS}}}[$window]))",
     "errors": (
-        f'sum(increase(fineserve_requests_total{{{_REQUESTS},code=~"{_SERVER_ERRORS}"}}[$window]))'
+        f'sum(increase(fineserve_requests_total{{{_REQUESTS},code=~"{SERVER_ERRORS}"}}[$window]))'
     ),
     "p99": (
         "histogram_quantile(0.99, sum by (le) "
