@@ -713,7 +713,7 @@ def analyze(
                 read_rollout(cluster.require(name)),
             )
     except BaseException as err:
-        unreleased = _release_after(lease, err)
+        unreleased = _release_after_error(lease)
         if unreleased and isinstance(err, ClusterError):
             raise ClusterError(f"{err}; {unreleased}") from err
         raise
@@ -804,8 +804,8 @@ class _Run:
         )
 
 
-def _release_after(lease: Lease, err: BaseException) -> str:
-    """Give the lease up after ``err``; what to do when that fails too ("" when released)."""
+def _release_after_error(lease: Lease) -> str:
+    """Give the lease up after an error; what to do when that fails too ("" when released)."""
     try:
         lease.release()
     except ClusterError as failed:
@@ -814,8 +814,6 @@ def _release_after(lease: Lease, err: BaseException) -> str:
             f"the lease could not be given back either ({failed}); it expires at {until}, or "
             f"remove the annotation {LEASE_ANNOTATION}"
         )
-    except BaseException:  # Ctrl-C again: ``err`` is what the user needs to see
-        return ""
     return ""
 
 
