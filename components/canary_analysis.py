@@ -26,7 +26,7 @@ def markdown_report(outcome, name: str) -> str:
     ]
     for number, interval in enumerate(outcome.history, 1):
         for check in interval.checks:
-            verdict = {True: "pass", False: "**FAIL**", None: "inconclusive"}[check.passed]
+            verdict = "**FAIL**" if check.verdict == "fail" else check.verdict.value
             value = "-" if check.value is None else f"{check.value:.4g}"
             limit = check.limit + (f" ({check.detail})" if check.detail else "")
             lines.append(
@@ -50,6 +50,7 @@ def analyze_canary(
     min_requests: int = 50,
     min_success_rate: float = 0.99,
     max_success_drop: float = 0.01,
+    max_client_error_rise: float = 0.05,
     max_p99_seconds: float = 1.0,
     max_p99_ratio: float = 1.5,
     p99_margin_seconds: float = 0.025,
@@ -74,6 +75,9 @@ def analyze_canary(
         min_requests: Requests each side must answer in a window for a conclusive check.
         min_success_rate: Lowest share of answers that are not server errors (5xx).
         max_success_drop: How far the canary's success rate may fall below stable's.
+        max_client_error_rise: How far the canary's share of refused requests (4xx, gRPC
+            client errors such as INVALID_ARGUMENT; not clients that hung up) may rise above
+            stable's.
         max_p99_seconds: Highest p99 latency of the canary, in seconds.
         max_p99_ratio: Highest canary p99 as a multiple of stable's (with the margin below).
         p99_margin_seconds: A canary p99 above stable's by less than this passes whatever the
@@ -107,6 +111,7 @@ def analyze_canary(
             min_requests=min_requests,
             min_success_rate=min_success_rate,
             max_success_drop=max_success_drop,
+            max_client_error_rise=max_client_error_rise,
             max_p99_seconds=max_p99_seconds,
             max_p99_ratio=max_p99_ratio,
             p99_margin_seconds=p99_margin_seconds,

@@ -2,10 +2,12 @@
 
 import argparse
 import logging
+import math
 import sys
 import time
 from pathlib import Path
 
+from fineserve.core.cluster import READ_TIMEOUT
 from fineserve.core.errors import ClusterError, DataError, ParameterError, RegistryError, shown
 
 
@@ -216,7 +218,7 @@ def _rollout(args: argparse.Namespace) -> None:
     from fineserve.core import registry, rollout
     from fineserve.core.cluster import Cluster
 
-    cluster = Cluster(context=args.context, namespace=args.namespace)
+    cluster = Cluster(context=args.context, namespace=args.namespace, timeout=args.request_timeout)
     if args.action == "status":
         status = rollout.status(cluster, args.name, registry.mlflow_client(args.tracking_uri))
         print(
@@ -263,9 +265,9 @@ def _analyze(args: argparse.Namespace) -> None:
     )
     settings.check()  # before anything reaches the cluster
     outcome = analysis.analyze(
-        Cluster(context=args.context, namespace=args.namespace),
+        Cluster(context=args.context, namespace=args.namespace, timeout=args.request_timeout),
         args.name,
-        analysis.Prometheus(url),
+        analysis.Prometheus(url, timeout=args.request_timeout),
         registry.mlflow_client(args.tracking_uri),
         settings,
         report=(lambda line: None) if args.output == "json" else print,
@@ -391,7 +393,24 @@ def _add_rollout_parser(commands) -> None:
             default=None,
             help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)",
         )
+        sub.add_argument(
+            "--request-timeout", type=_seconds, default=READ_TIMEOUT, metavar="SECONDS",
+            help="how long each request to the Kubernetes API"
+            + (" or Prometheus" if action == "analyze" else "")
+            + f" may wait for its answer (default {READ_TIMEOUT:g})",
+        )  # fmt: skip
         sub.set_defaults(func=_analyze if action == "analyze" else _rollout)
+
+
+def _seconds(text: str) -> float:
+    """A positive number of seconds (argparse type)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not seconds > 0 or math.isinf(seconds):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return seconds
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from typing import TYPE_CHECKING
@@ -199,7 +200,11 @@ class HTTPRequestMetrics(HTTPMiddleware):
 
 
 class GRPCRequestMetrics(ExceptionToStatusInterceptor):
-    """KServe's gRPC exception-to-status interceptor, counting and timing every call."""
+    """KServe's gRPC exception-to-status interceptor, counting and timing every call.
+
+    A call its client cancelled is counted as CANCELLED, one whose deadline passed as
+    DEADLINE_EXCEEDED: the status that client sees, and like HTTP's 499 not a server error.
+    """
 
     async def intercept(self, method, request_or_iterator, context, method_name: str):
         """Run the call as KServe does; record the status code it ends with."""
@@ -209,6 +214,10 @@ class GRPCRequestMetrics(ExceptionToStatusInterceptor):
         model = model if model in _VERSIONS else ""
         try:
             response = await super().intercept(method, request_or_iterator, context, method_name)
+        except asyncio.CancelledError:
+            code = client_gave_up(context)
+            observe_request("grpc", endpoint, code.name, time.perf_counter() - started, model)
+            raise
         except BaseException:
             code = context.code() or grpc.StatusCode.UNKNOWN
             observe_request("grpc", endpoint, code.name, time.perf_counter() - started, model)
@@ -216,3 +225,22 @@ class GRPCRequestMetrics(ExceptionToStatusInterceptor):
         code = context.code() or grpc.StatusCode.OK
         observe_request("grpc", endpoint, code.name, time.perf_counter() - started, model)
         return response
+
+
+#: A cancelled call with less than this left before its deadline ended by the deadline: the
+#: client's own timer fires first and its cancellation can arrive just before the server's.
+DEADLINE_SLACK_SECONDS = 0.5
+
+
+def client_gave_up(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """The status of a call whose handler was cancelled: CANCELLED or DEADLINE_EXCEEDED.
+
+    grpc.aio cancels a call's task only when the call ends on the client's side, cancelled or
+    past its deadline (`_handle_cancellation_from_core` in grpc's
+    `_cython/_cygrpc/aio/server.pyx.pxi`); ``context.cancelled()`` stays False then (it reads
+    a status set by the handler), so the deadline tells the two apart.
+    """
+    remaining = context.time_remaining()  # None: the call had no deadline
+    if remaining is not None and remaining < DEADLINE_SLACK_SECONDS:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED

@@ -7,18 +7,31 @@ with the emulated KServe controller.
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
+from collections.abc import Callable
+from string import Template
 
 import mlflow
 import pytest
-from scripted_prometheus import LABELS, ScriptedPrometheus, sample
+from scripted_prometheus import LABELS, PrometheusOverHTTP, ScriptedPrometheus, sample, vector
+from silent_server import SilentServer
 
 from fineserve.components.deploy import rollout_version
 from fineserve.core import canary_analysis as analysis
 from fineserve.core import rollout
 from fineserve.core.artifacts import CHAMPION, TAG_STORAGE_URI
-from fineserve.core.canary_analysis import Check, Sample, Settings, Thresholds, judge
+from fineserve.core.canary_analysis import (
+    FAIL,
+    INCONCLUSIVE,
+    PASS,
+    Check,
+    Sample,
+    Settings,
+    Thresholds,
+    judge,
+)
 from fineserve.core.cluster import Cluster
 from fineserve.core.errors import ClusterError, ParameterError
 from fineserve.core.inference_service import PredictorSettings, read_rollout
@@ -29,8 +42,8 @@ MODEL, ISVC = "clf", "fineserve"
 GOOD, LOW, BAD = sample(), sample(requests=3), sample(errors=20)
 
 
-def names(checks: list[Check], passed) -> set[str]:
-    return {c.name for c in checks if c.passed is passed}
+def names(checks: list[Check], verdict) -> set[str]:
+    return {c.name for c in checks if c.verdict is verdict}
 
 
 # ------------------------------------------------------------------------------ the checks
@@ -38,40 +51,42 @@ def names(checks: list[Check], passed) -> set[str]:
 
 def test_a_canary_like_stable_passes_every_check():
     checks = judge(GOOD, GOOD, Thresholds())
-    assert all(c.passed for c in checks), [c.line() for c in checks]
+    assert all(c.verdict is PASS for c in checks), [c.line() for c in checks]
+    assert analysis.verdict(checks) is PASS
     assert [c.name for c in checks] == [
-        "traffic", "success rate", "p99 latency", "label divergence", "confidence",
+        "traffic", "success rate", "client errors", "p99 latency", "predictions",
+        "label divergence", "confidence",
     ]  # fmt: skip
 
 
 def test_too_little_traffic_on_either_side_is_inconclusive_not_a_pass():
     for canary, stable in ((LOW, GOOD), (GOOD, LOW), (sample(requests=0), GOOD)):
         checks = judge(canary, stable, Thresholds(min_requests=50))
-        assert analysis.verdict(checks) is None
+        assert analysis.verdict(checks) is INCONCLUSIVE
         assert [c.name for c in checks] == ["traffic"] and "too few" in checks[0].detail
 
 
 def test_success_rate_against_the_absolute_floor_and_against_stable():
-    assert names(judge(sample(errors=2), GOOD, Thresholds()), False) == {"success rate"}
+    assert names(judge(sample(errors=2), GOOD, Thresholds()), FAIL) == {"success rate"}
     # stable itself at 90%: the canary may not be more than max_success_drop below it
     stable = sample(errors=10)
     t = Thresholds(min_success_rate=0.8)
-    assert analysis.verdict(judge(sample(errors=10.5), stable, t)) is True
-    assert names(judge(sample(errors=12), stable, t), False) == {"success rate"}
+    assert analysis.verdict(judge(sample(errors=10.5), stable, t)) is PASS
+    assert names(judge(sample(errors=12), stable, t), FAIL) == {"success rate"}
 
 
 def test_p99_fails_above_the_limit_or_above_stable_by_both_ratio_and_margin():
     t = Thresholds(max_p99_seconds=1.0, max_p99_ratio=1.5, p99_margin_seconds=0.025)
-    assert names(judge(sample(p99=1.2), sample(p99=1.1), t), False) == {"p99 latency"}
-    assert names(judge(sample(p99=0.3), sample(p99=0.1), t), False) == {"p99 latency"}
+    assert names(judge(sample(p99=1.2), sample(p99=1.1), t), FAIL) == {"p99 latency"}
+    assert names(judge(sample(p99=0.3), sample(p99=0.1), t), FAIL) == {"p99 latency"}
     # 2x stable but within the margin (bucket noise on a fast model): a pass
-    assert analysis.verdict(judge(sample(p99=0.02), sample(p99=0.01), t)) is True
+    assert analysis.verdict(judge(sample(p99=0.02), sample(p99=0.01), t)) is PASS
 
 
 def test_one_class_for_everything_fails_the_label_divergence():
     one_class = sample(labels={"negative": 100.0}, confidence=0.99)
     checks = judge(one_class, GOOD, Thresholds())
-    assert names(checks, False) == {"label divergence"}
+    assert names(checks, FAIL) == {"label divergence"}
     divergence = next(c for c in checks if c.name == "label divergence")
     assert divergence.value == pytest.approx(analysis.js_divergence({"negative": 1}, LABELS))
     assert divergence.value > 0.4
@@ -79,7 +94,83 @@ def test_one_class_for_everything_fails_the_label_divergence():
 
 
 def test_collapsed_confidence_fails():
-    assert names(judge(sample(confidence=0.4), GOOD, Thresholds()), False) == {"confidence"}
+    assert names(judge(sample(confidence=0.4), GOOD, Thresholds()), FAIL) == {"confidence"}
+
+
+def test_a_canary_answering_without_predicting_fails_while_stable_predicts():
+    for nothing in ({}, {"negative": 0.0, "neutral": 0.0, "positive": 0.0}):
+        checks = judge(sample(labels=nothing, confidence=math.nan), GOOD, Thresholds())
+        assert analysis.verdict(checks) is FAIL
+        assert names(checks, FAIL) == {"predictions"}
+        predictions = next(c for c in checks if c.name == "predictions")
+        assert "100 requests answered without a prediction; stable predicted 100" in (
+            predictions.detail
+        )
+        assert names(checks, INCONCLUSIVE) == {"label divergence", "confidence"}
+    # neither side predicted: nothing to judge the canary against, but no pass either
+    idle = sample(labels={}, confidence=math.nan)
+    assert analysis.verdict(judge(idle, idle, Thresholds())) is INCONCLUSIVE
+
+
+def test_a_jump_in_the_share_of_refused_requests_fails_the_client_error_check():
+    t = Thresholds(max_client_error_rise=0.05)
+    checks = judge(sample(client_errors=100), GOOD, t)
+    assert names(checks, FAIL) == {"client errors"}
+    assert next(c for c in checks if c.name == "client errors").value == 1.0
+    assert names(judge(sample(client_errors=6), GOOD, t), FAIL) == {"client errors"}
+    assert analysis.verdict(judge(sample(client_errors=4), GOOD, t)) is PASS
+    # the same clients send the same bad requests to both sides: stable's share is the base
+    assert analysis.verdict(judge(sample(client_errors=22), sample(client_errors=20), t)) is PASS
+
+
+NAN, INF = math.nan, math.inf
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "canary_verdict", "check"),
+    [
+        ("requests", NAN, INCONCLUSIVE, "traffic"),
+        ("requests", INF, INCONCLUSIVE, "traffic"),
+        ("requests", None, INCONCLUSIVE, "traffic"),
+        ("errors", NAN, INCONCLUSIVE, "success rate"),
+        ("errors", INF, FAIL, "success rate"),  # unbounded server errors
+        ("errors", -INF, INCONCLUSIVE, "success rate"),
+        ("errors", None, INCONCLUSIVE, "success rate"),
+        ("client_errors", NAN, INCONCLUSIVE, "client errors"),
+        ("client_errors", INF, FAIL, "client errors"),
+        ("client_errors", None, INCONCLUSIVE, "client errors"),
+        ("p99", NAN, INCONCLUSIVE, "p99 latency"),  # histogram_quantile of no requests: 0/0
+        ("p99", INF, FAIL, "p99 latency"),  # beyond the largest bucket
+        ("p99", -INF, INCONCLUSIVE, "p99 latency"),
+        ("p99", None, INCONCLUSIVE, "p99 latency"),
+        ("labels", {"negative": NAN, "positive": 10.0}, INCONCLUSIVE, "predictions"),
+        ("labels", {"negative": INF}, INCONCLUSIVE, "predictions"),
+        ("confidence", NAN, INCONCLUSIVE, "confidence"),  # sum / count of nothing: 0/0
+        ("confidence", INF, INCONCLUSIVE, "confidence"),
+        ("confidence", None, INCONCLUSIVE, "confidence"),
+    ],
+)
+def test_a_value_that_is_not_a_number_or_missing_never_passes(field, value, canary_verdict, check):
+    odd = sample(**{field: value})
+    for side, (canary, stable) in (("canary", (odd, GOOD)), ("stable", (GOOD, odd))):
+        checks = judge(canary, stable, Thresholds())
+        judged = next(c for c in checks if c.name == check)
+        assert judged.verdict is (canary_verdict if side == "canary" else INCONCLUSIVE), (
+            side,
+            judged.line(),
+        )
+        assert analysis.verdict(checks) is not PASS
+        assert side in judged.detail, judged.line()
+
+
+def test_inconclusive_checks_never_promote(canary, registry):
+    # plenty of traffic, but the canary's latency histogram gives NaN in every window
+    outcome, seen = run(canary, registry, [sample(p99=NAN)] * 3, max_inconclusive=3)
+    assert outcome.result == "inconclusive", seen
+    assert "were inconclusive (last: p99 latency)" in outcome.message
+    assert canary_percent(canary) == 10
+    assert registry.get_model_version_by_alias(MODEL, CHAMPION).version == 1
+    assert "canary p99 NaN: no latency data" in analysis.render(outcome)
 
 
 def test_jensen_shannon_divergence_is_zero_for_the_same_shares_and_one_for_disjoint_labels():
@@ -166,7 +257,8 @@ def test_inconclusive_windows_hold_the_step_and_count_as_no_failure(canary, regi
     outcome, seen = run(canary, registry, [LOW, LOW, GOOD, LOW, GOOD, GOOD], threshold=1)
     assert outcome.result == "promoted", seen
     assert [(i.percent, i.verdict) for i in outcome.history] == [
-        (10, None), (10, None), (10, True), (25, None), (25, True), (50, True),
+        (10, INCONCLUSIVE), (10, INCONCLUSIVE), (10, PASS), (25, INCONCLUSIVE), (25, PASS),
+        (50, PASS),
     ]  # fmt: skip
     assert registry.get_model_version_by_alias(MODEL, CHAMPION).version == 2
 
@@ -300,3 +392,158 @@ def test_the_pipeline_step_refuses_to_run_without_a_prometheus_url(tmp_path):
         call_component(analyze_canary, report=str(tmp_path / "report.md"), kube_context="x")
     with pytest.raises(ParameterError, match="steps must rise strictly"):
         call_component(analyze_canary, report=str(tmp_path / "r.md"), analysis_steps="50,10,100")
+
+
+# ------------------------------------------------------------------- Prometheus over HTTP
+
+HEALTHY = {"requests": "100", "errors": "0", "client_errors": "0", "p99": "0.05"}
+
+
+def answers(odd: dict[str, bytes | None]) -> Callable[[str], tuple[int, bytes]]:
+    """A healthy Prometheus, but for the canary's (v2) queries named in ``odd``.
+
+    A query maps to its raw answer body, or None for an empty result (no series).
+    """
+
+    def answer(promql: str) -> tuple[int, bytes]:
+        model = re.search(r'model_name="([^"]+)"', promql).group(1)
+        version = re.search(r'model_version="([^"]+)"', promql).group(1)
+        window = re.search(r"\[(\w+)\]", promql).group(1)
+        name = next(
+            n
+            for n, template in analysis.QUERIES.items()
+            if Template(template).substitute(model=model, version=version, window=window) == promql
+        )
+        if version == "2" and name in odd:
+            return 200, odd[name] if odd[name] is not None else vector_of([])
+        if name == "labels":
+            return 200, vector_of([({"label": k}, str(v)) for k, v in LABELS.items()])
+        return 200, vector(HEALTHY.get(name, "0.8"))
+
+    return answer
+
+
+def vector_of(series: list[tuple[dict, str]]) -> bytes:
+    result = [{"metric": labels, "value": [1700000000.0, value]} for labels, value in series]
+    data = {"resultType": "vector", "result": result}
+    return json.dumps({"status": "success", "data": data}).encode()
+
+
+def analyze_over_http(cluster, registry, answer, **settings):
+    with PrometheusOverHTTP(answer) as prometheus:
+        seen: list[str] = []
+        outcome = analysis.analyze(
+            cluster, ISVC, analysis.Prometheus(prometheus.url), registry,
+            Settings(**{"interval": 60.0, "max_inconclusive": 2, **settings}),
+            report=seen.append, sleep=lambda seconds: None,
+        )  # fmt: skip
+    return outcome, seen
+
+
+def test_prometheus_nan_or_nothing_holds_the_step_and_never_promotes(canary, registry):
+    for query, body in (
+        ("p99", vector("NaN")),  # histogram_quantile with no requests in the window
+        ("p99", None),  # no series at all
+        ("errors", vector("NaN")),
+        ("client_errors", vector("-Inf")),
+        ("confidence", vector("NaN")),  # 0/0: no probabilities in the window
+    ):
+        outcome, seen = analyze_over_http(canary, registry, answers({query: body}))
+        assert outcome.result == "inconclusive", (query, body, "\n".join(seen))
+        assert [i.verdict for i in outcome.history] == [INCONCLUSIVE, INCONCLUSIVE]
+        assert canary_percent(canary) == 10 and _lease_of(canary) is None
+    assert registry.get_model_version_by_alias(MODEL, CHAMPION).version == 1
+
+
+@pytest.mark.parametrize("query", ["p99", "errors"])
+def test_prometheus_inf_fails_the_check_and_rolls_back(canary, registry, query):
+    outcome, seen = analyze_over_http(canary, registry, answers({query: vector("+Inf")}))
+    assert outcome.result == "rolled-back", "\n".join(seen)
+    dumped = json.loads(json.dumps(outcome.as_dict(), allow_nan=False))  # -o json: strict JSON
+    assert dumped["history"][0]["verdict"] == "fail"
+    if query == "p99":
+        assert {"name": "p99 latency", "verdict": "fail", "value": "+Inf"}.items() <= (
+            dumped["history"][0]["checks"][3].items()
+        )
+    assert canary_percent(canary) == 0 and _lease_of(canary) is None
+    assert read_rollout(canary.require(ISVC)).served_version == "1"
+    assert registry.get_model_version_by_alias(MODEL, CHAMPION).version == 1
+
+
+MALFORMED = [
+    (b'{"status": "success"}', "no `data` object"),
+    (b'{"status": "success", "data": {"resultType": "vector"}}', "no `data.result`"),
+    (vector("fast"), "the value 'fast' is not a number"),
+    (b"<html>502 Bad Gateway</html>", "not a JSON object: '<html>502 Bad Gateway</html>'"),
+    (
+        b'{"status": "success", "data": {"resultType": "matrix", "result": []}}',
+        "resultType 'matrix', expected 'vector' or 'scalar'",
+    ),
+    (b'{"status": "success", "data": {"resultType": "vector", "result": [{}]}}', "a sample"),
+    (b"[1, 2]", "not a JSON object"),
+]
+
+
+def test_a_malformed_prometheus_answer_is_an_error_naming_the_query_and_the_lease_is_released(
+    canary, registry
+):
+    for body, problem in MALFORMED:
+        with pytest.raises(ClusterError) as failed:
+            analyze_over_http(canary, registry, answers({"p99": body}))
+        message = str(failed.value)
+        assert "answered the query 'p99' (histogram_quantile(0.99" in message, message
+        assert problem in message, message
+        assert _lease_of(canary) is None
+        assert canary_percent(canary) == 10
+
+
+def _cli_analyze(tmp_path, prometheus_url: str, *args: str) -> int:
+    from fineserve.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main([
+            "rollout", "analyze", ISVC, "--context", "fake", "-n", "fineserve",
+            "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--prometheus-url",
+            prometheus_url, "--interval", "0.1", *args,
+        ])  # fmt: skip
+    return exited.value.code
+
+
+def test_the_cli_ends_with_a_message_when_prometheus_answers_garbage_or_never_answers(
+    canary, registry, tmp_path, capsys
+):
+    with PrometheusOverHTTP(answers({"requests": b"<html>oops</html>"})) as prometheus:
+        code = _cli_analyze(tmp_path, prometheus.url)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"fineserve rollout: Prometheus at {prometheus.url} answered the query 'requests'" in err
+    assert "not a JSON object: '<html>oops</html>'" in err
+    assert _lease_of(canary) is None and canary_percent(canary) == 10
+
+    with SilentServer() as silent:
+        started = time.monotonic()
+        code = _cli_analyze(tmp_path, f"http://127.0.0.1:{silent.port}", "--request-timeout", "1")
+        took = time.monotonic() - started
+    err = capsys.readouterr().err
+    assert code == 2 and took < 20, took
+    assert (
+        f"Prometheus at http://127.0.0.1:{silent.port} did not answer the query 'requests'" in err
+    )
+    assert "within 1s" in err and "Traceback" not in err
+    assert _lease_of(canary) is None and canary_percent(canary) == 10
+    assert registry.get_model_version_by_alias(MODEL, CHAMPION).version == 1
+
+
+def test_an_error_the_lease_cannot_be_given_back_after_says_both(canary, registry, monkeypatch):
+    def unreachable(self):
+        raise ClusterError("the Kubernetes API did not answer")
+
+    monkeypatch.setattr(analysis.Lease, "release", unreachable)
+    with pytest.raises(ClusterError) as failed:
+        analyze_over_http(canary, registry, answers({"p99": b"{}"}))
+    message = str(failed.value)
+    assert "answered the query 'p99'" in message  # the error that ended it comes first
+    assert "the lease could not be given back either (the Kubernetes API did not answer)" in (
+        message
+    )
+    assert analysis.LEASE_ANNOTATION in message and "it expires at" in message

@@ -1,8 +1,9 @@
 """`fineserve rollout analyze` end to end, on real parts.
 
-A real Prometheus (started here on 127.0.0.1, scraping every second) scrapes four real predictor
+A real Prometheus (started here on 127.0.0.1, scraping every second) scrapes five real predictor
 processes: the stable version, a good canary, a canary that fails or stalls on part of its
-requests, and one that answers 200 quickly but predicts one class for everything. A weighted
+requests, one that answers 200 quickly but predicts one class for everything, and one that
+refuses every request stable answers (400: it takes fewer texts per request). A weighted
 router follows the traffic split in the emulated InferenceService's status while a bounded
 load generator sends real tweets; the analysis reads Prometheus' HTTP API and moves the traffic
 through the fake API server, as on a cluster.
@@ -49,7 +50,7 @@ pytestmark = pytest.mark.slow
 MODEL = "clf"
 ISVC = "fineserve"
 SERVED_NAME = "fineserve"  # the predictors' --model_name, as the InferenceService runs them
-STABLE, GOOD, FAULTY, ONE_CLASS = "1", "2", "3", "4"
+STABLE, GOOD, FAULTY, ONE_CLASS, REFUSING = "1", "2", "3", "4", "5"
 INTERVAL = 3.0  # seconds per check; Prometheus scrapes every second
 RATE = 70  # requests per second from the load generator, in all
 
@@ -97,7 +98,7 @@ def texts(corpus_frame) -> list[str]:
 
 @pytest.fixture(scope="module")
 def predictors(tiny_classifier, texts, tmp_path_factory):
-    """Version → URL of the four running predictors."""
+    """Version → URL of the five running predictors."""
     root = tmp_path_factory.mktemp("canary-predictors")
     stable = _spread_head(tiny_classifier, texts[:200], root / "v1", STABLE)
     dirs = {
@@ -105,16 +106,23 @@ def predictors(tiny_classifier, texts, tmp_path_factory):
         GOOD: _spread_head(tiny_classifier, texts[:200], root / "v2", GOOD),
         FAULTY: _spread_head(tiny_classifier, texts[:200], root / "v3", FAULTY),
         ONE_CLASS: _spread_head(tiny_classifier, texts[:200], root / "v4", ONE_CLASS, 50.0),
+        REFUSING: _spread_head(tiny_classifier, texts[:200], root / "v5", REFUSING),
     }
-    # passes in threads: four servers with two forward processes each would crowd 2 cores
+    # passes in threads: five servers with two forward processes each would crowd 2 cores
     options = ("--device", "cpu", "--forward_in", "threads")
     argv = {v: serve_module_argv(d, SERVED_NAME, *options) for v, d in dirs.items()}
+    # deployed with a lower limit than its clients' requests: every one of them is a 400
+    argv[REFUSING] += ["--max_texts_per_request", "1"]
     # 30% of its requests fail inside the model (500), 20% take half a second longer
     argv[FAULTY] = [
         sys.executable, str(REPO / "tests" / "faulty_predictor.py"), "0.3", "0.2", "0.5",
         *argv[FAULTY][3:],
     ]  # fmt: skip
-    servers = {v: ServerProcess(a, log_path=root / f"v{v}.log") for v, a in argv.items()}
+    # five start at once on two busy cores: a generous start-up limit
+    servers = {
+        v: ServerProcess(a, log_path=root / f"v{v}.log", startup_timeout=240)
+        for v, a in argv.items()
+    }
     with ThreadPoolExecutor(len(servers)) as pool:
         started = list(pool.map(lambda s: s.__enter__(), servers.values()))
     try:
@@ -172,8 +180,11 @@ class Router:
 class Load:
     """A bounded load generator: ``RATE`` requests a second over a few workers, until stopped."""
 
-    def __init__(self, router: Router, texts: list[str], workers: int = 4) -> None:
+    def __init__(
+        self, router: Router, texts: list[str], workers: int = 4, texts_per_request: int = 1
+    ) -> None:
         self.router, self.texts, self.workers = router, texts, workers
+        self.texts_per_request = texts_per_request
         self.stop = threading.Event()
         self.threads = [threading.Thread(target=self._work, daemon=True) for _ in range(workers)]
         self.follower = threading.Thread(target=self._follow, daemon=True)
@@ -199,7 +210,7 @@ class Load:
             while not self.stop.is_set():
                 started = time.monotonic()
                 url = self.router.pick()
-                body = v2_body([random.choice(self.texts)])
+                body = v2_body(random.sample(self.texts, self.texts_per_request))
                 with contextlib.suppress(httpx.HTTPError):
                     http.post(f"{url}/v2/models/{SERVED_NAME}/infer", json=body)
                 self.stop.wait(max(0.0, period - (time.monotonic() - started)))
@@ -209,7 +220,7 @@ class Load:
 def registry(tmp_path):
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     client.create_registered_model(MODEL)
-    for version in (STABLE, GOOD, FAULTY, ONE_CLASS):
+    for version in (STABLE, GOOD, FAULTY, ONE_CLASS, REFUSING):
         client.create_model_version(
             MODEL, f"s3://models/v{version}", tags={TAG_STORAGE_URI: f"s3://models/v{version}"}
         )
@@ -272,7 +283,7 @@ def test_a_good_canary_is_stepped_up_and_promoted(
             cluster, ISVC, analysis.Prometheus(prometheus), registry, SETTINGS, report=seen.append
         )
     assert outcome.result == "promoted", "\n".join(seen)
-    assert [i.percent for i in outcome.history if i.verdict] == [10, 25, 50]
+    assert [i.percent for i in outcome.history if i.verdict is analysis.PASS] == [10, 25, 50]
     _assert_promoted(cluster, registry)
 
 
@@ -307,7 +318,7 @@ def test_a_canary_failing_part_of_its_requests_is_rolled_back(
             cluster, ISVC, analysis.Prometheus(prometheus), registry, SETTINGS, report=seen.append
         )
     assert outcome.result == "rolled-back", "\n".join(seen)
-    failed = {c.name for i in outcome.history for c in i.checks if c.passed is False}
+    failed = {c.name for i in outcome.history for c in i.checks if c.verdict is analysis.FAIL}
     assert {"success rate", "p99 latency"} <= failed, "\n".join(seen)
     state = read_rollout(cluster.require(ISVC))
     assert state.served_version == STABLE and state.canary.percent == 0
@@ -340,4 +351,24 @@ def test_a_fast_error_free_canary_predicting_one_class_is_rolled_back_by_the_cli
     assert "neutral 0%" not in out and "{negative 100%}" in out, out  # the distribution shown
     state = read_rollout(Cluster(context="fake", namespace="fineserve").require(ISVC))
     assert state.served_version == STABLE and state.canary is None
+    assert registry.get_model_version_by_alias(MODEL, CHAMPION).version == int(STABLE)
+
+
+def test_a_canary_refusing_every_request_stable_answers_is_rolled_back(
+    canary, fake_kube, registry, predictors, prometheus, texts
+):
+    cluster = canary("Serverless", REFUSING)
+    seen: list[str] = []
+    with Load(Router(fake_kube, predictors), texts, texts_per_request=2):
+        outcome = analysis.analyze(
+            cluster, ISVC, analysis.Prometheus(prometheus), registry, SETTINGS, report=seen.append
+        )
+    assert outcome.result == "rolled-back", "\n".join(seen)
+    failed = [c for i in outcome.history for c in i.checks if c.verdict is analysis.FAIL]
+    assert {c.name for c in failed} == {"client errors", "predictions"}, "\n".join(seen)
+    assert all(c.value == 1.0 for c in failed if c.name == "client errors"), "\n".join(seen)
+    # fast and without a server error, yet no step passed on those checks alone
+    assert all(i.verdict is not analysis.PASS for i in outcome.history), "\n".join(seen)
+    state = read_rollout(cluster.require(ISVC))
+    assert state.served_version == STABLE and state.canary.percent == 0
     assert registry.get_model_version_by_alias(MODEL, CHAMPION).version == int(STABLE)

@@ -23,6 +23,14 @@ from fineserve.core.inference_service import API_VERSION, GROUP, PLURAL
 IN_CLUSTER_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 #: How often a change is recomputed after a 409 before giving up.
 CONFLICT_RETRIES = 5
+#: Seconds to wait for a connection, and for each answer, of the Kubernetes API (and
+#: Prometheus): a server that accepts a connection and never answers ends the command.
+CONNECT_TIMEOUT = 10.0
+READ_TIMEOUT = 30.0
+#: How often a request that got no answer (refused, reset, timed out) is sent again: once, for
+#: a kept-alive connection the server closed in between (urllib3 retries reads of GET and PUT
+#: only; its default of 3 would keep a command waiting four read timeouts).
+REQUEST_RETRIES = 1
 
 
 def cluster_available(kube_context: str) -> bool:
@@ -33,20 +41,33 @@ def cluster_available(kube_context: str) -> bool:
 class Cluster:
     """InferenceServices in one namespace, through a kubeconfig context or in-cluster config."""
 
-    def __init__(self, context: str = "", namespace: str = "", config_file: str = "") -> None:
+    def __init__(
+        self,
+        context: str = "",
+        namespace: str = "",
+        config_file: str = "",
+        *,
+        timeout: float = READ_TIMEOUT,
+    ) -> None:
+        """Configure the client; ``timeout``: seconds each API request may wait for its answer."""
         from kubernetes import client, config
         from kubernetes.config.config_exception import ConfigException
+        from urllib3 import Retry
 
+        self.timeout = (min(CONNECT_TIMEOUT, timeout), timeout)  # kubernetes' _request_timeout
+        configuration = client.Configuration()
+        configuration.retries = Retry(total=REQUEST_RETRIES)
         # read at call time: the client reads $KUBECONFIG once, when first imported
         config_file = config_file or os.environ.get("KUBECONFIG", "")
         try:
             if context or config_file or not IN_CLUSTER_NAMESPACE.exists():
                 api_client = config.new_client_from_config(
-                    config_file=config_file or None, context=context or None
+                    config_file=config_file or None,
+                    context=context or None,
+                    client_configuration=configuration,
                 )
                 self.namespace = namespace or _context_namespace(context, config_file)
             else:
-                configuration = client.Configuration()
                 config.load_incluster_config(client_configuration=configuration)
                 api_client = client.ApiClient(configuration)
                 self.namespace = namespace or IN_CLUSTER_NAMESPACE.read_text().strip()
@@ -134,12 +155,14 @@ class Cluster:
 
         where = f"InferenceService {name!r} in namespace {self.namespace!r}"
         args = (GROUP, API_VERSION, self.namespace, PLURAL)
+        # a (connect, read) pair: kubernetes/client/rest.py ignores a float that is not a pair
+        timeout = {"_request_timeout": self.timeout}
         try:
             if verb == "get":
-                return self.api.get_namespaced_custom_object(*args, name)
+                return self.api.get_namespaced_custom_object(*args, name, **timeout)
             if verb == "create":
-                return self.api.create_namespaced_custom_object(*args, body)
-            return self.api.replace_namespaced_custom_object(*args, name, body)
+                return self.api.create_namespaced_custom_object(*args, body, **timeout)
+            return self.api.replace_namespaced_custom_object(*args, name, body, **timeout)
         except ApiException as err:
             message = _api_message(err)
             if err.status == 404 and verb != "create":
@@ -156,9 +179,28 @@ class Cluster:
                 f"{verb} {where}: HTTP {err.status}: {message}" + (f" ({hint})" if hint else "")
             ) from err
         except HTTPError as err:
-            raise ClusterError(
-                f"cannot reach the Kubernetes API at {self.host} to {verb} {where}: {err}"
-            ) from err
+            raise ClusterError(f"{self._no_answer(err)} to {verb} {where}") from err
+
+    def _no_answer(self, err: Exception) -> str:
+        """What went wrong with a request that got no answer (urllib3's error, after retries)."""
+        from urllib3.exceptions import (
+            ConnectTimeoutError,
+            MaxRetryError,
+            NewConnectionError,
+            ReadTimeoutError,
+        )
+
+        reason = err.reason if isinstance(err, MaxRetryError) and err.reason else err
+        tries = f"{1 + REQUEST_RETRIES} tries" if isinstance(err, MaxRetryError) else "1 try"
+        connect, read = self.timeout
+        if isinstance(reason, ReadTimeoutError):
+            return f"the Kubernetes API at {self.host} did not answer within {read:g}s ({tries})"
+        if isinstance(reason, ConnectTimeoutError) and not isinstance(reason, NewConnectionError):
+            return (
+                f"the Kubernetes API at {self.host} did not accept a connection within "
+                f"{connect:g}s ({tries})"
+            )
+        return f"cannot reach the Kubernetes API at {self.host} ({reason})"
 
 
 class _NotFound(Exception):
