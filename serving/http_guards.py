@@ -1,4 +1,7 @@
-"""Make bad HTTP input a clear 4xx: body size limit, unparseable bodies, binary decoding."""
+"""Clear answers to what the predictor cannot serve: 4xx for bad HTTP input, 503 while unable.
+
+Bad input: body size limit, unparseable bodies, binary decoding, unknown models and versions.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +17,9 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from kserve.constants.constants import INFERENCE_CONTENT_LENGTH_HEADER
-from kserve.errors import InferenceError, InvalidInput, ModelNotFound
+from kserve.errors import InferenceError, InvalidInput, ModelNotFound, ModelNotReady, ServerNotReady
 from kserve.logging import KSERVE_LOGGER_NAME
+from kserve.model import BaseKServeModel
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.infer_type import InferRequest
 from kserve.protocol.rest.v2_datamodels import InferenceRequest
@@ -162,12 +166,66 @@ def install_http_guards(
     app.add_exception_handler(HTTPException, http_error_handler(max_request_bytes))
 
 
+class ModelUnavailable(ModelNotReady):
+    """A model that cannot answer now (e.g. no forward process runs): HTTP 503, gRPC UNAVAILABLE.
+
+    KServe's gRPC interceptor answers with the exception's ``reason``
+    (kserve/protocol/grpc/interceptors.py), which its ModelNotReady lacks.
+    """
+
+    def __init__(self, model_name: str, reason: str | None) -> None:
+        super().__init__(model_name)
+        if reason:
+            self.error_msg = f"model {model_name!r} cannot answer now: {reason}; try again shortly"
+        self.reason = self.error_msg
+
+
 class GuardedDataPlane(DataPlane):
     """KServe's DataPlane, with v2 bodies it cannot decode reported as a 400 naming the problem.
 
     Ready means a model can answer: KServe's says ready with no model loaded at all. Model
-    metadata carries what the model's `metadata()` adds (its version, its precision).
+    metadata carries what the model's `metadata()` adds (its version, its precision). A model
+    not served is a 404 naming what is; one that cannot answer now is a 503 saying why, at
+    once (KServe's `get_model` would load it again, on the event loop).
     """
+
+    def _not_served(self, model_name: str) -> NotServed:
+        served = ", ".join(repr(name) for name in self._model_registry.get_models()) or "none"
+        return NotServed(
+            f"model {model_name!r} does not exist here; this predictor serves {served}"
+        )
+
+    def _registered(self, model_name: str) -> BaseKServeModel:
+        model = self._model_registry.get_model(model_name)
+        if model is None:
+            raise self._not_served(model_name)
+        return model
+
+    def get_model_from_registry(self, name: str) -> BaseKServeModel:
+        """The model called ``name``; a 404 naming the served ones if there is none."""
+        return self._registered(name)
+
+    async def get_model(self, name: str) -> BaseKServeModel:
+        """The model called ``name``, ready to answer; else a 404, or a 503 saying why."""
+        model = self._registered(name)
+        if not await model.healthy():
+            raise ModelUnavailable(name, getattr(model, "unavailable_reason", None))
+        return model
+
+    async def model_ready(
+        self, model_name: str, disable_predictor_health_check: bool = False
+    ) -> bool:
+        """Whether the model is ready; on a request's path, a 503 saying why it is not.
+
+        KServe's request handlers (rest/v1_endpoints.py, rest/v2_endpoints.py) ask with
+        ``disable_predictor_health_check=True`` and answer a bare 503 on False; the readiness
+        endpoints ask without it and get the bool.
+        """
+        model = self._registered(model_name)
+        ready = await super().model_ready(model_name, disable_predictor_health_check)
+        if not ready and disable_predictor_health_check:
+            raise ModelUnavailable(model_name, getattr(model, "unavailable_reason", None))
+        return ready
 
     async def ready(self) -> bool:
         """True when at least one model is loaded and every loaded model is ready."""
@@ -209,33 +267,38 @@ class GuardedDataPlane(DataPlane):
             raise InvalidInput(f"malformed binary inference request: {reason}") from exc
 
 
-class ClientErrorsAsWarnings(logging.Filter):
-    """KServe logs each 400/404 it answers as an ERROR with a traceback; make it one WARNING.
+class ExpectedErrorsAsWarnings(logging.Filter):
+    """KServe logs each 400/404/503 it answers as an ERROR with a traceback; make it one WARNING.
 
-    A caller's bad request is not a server fault: it should not page anyone or bury real
-    errors under tracebacks. Other exceptions keep KServe's ERROR and traceback.
+    A caller's bad request is not a server fault, and a 503 while no forward process runs (or
+    a readiness probe's "not ready") repeats a cause logged once where it happened: neither
+    should page anyone or bury real errors under tracebacks. Other exceptions keep KServe's
+    ERROR and traceback.
     """
 
     CLIENT_ERRORS = (InvalidInput, ModelNotFound)
+    NOT_READY = (ModelNotReady, ServerNotReady)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        """Turn a client error's ERROR with traceback into one WARNING line; keep the rest."""
+        """Turn an expected error's ERROR with traceback into one WARNING line; keep the rest."""
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, self.CLIENT_ERRORS):
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
-            record.msg, record.args = (
-                "client error, answered 4xx: %s: %s",
-                (type(exc).__name__, exc),
-            )
-            record.exc_info, record.exc_text = None, None
+            answered = "client error, answered 4xx"
+        elif isinstance(exc, self.NOT_READY):
+            answered = "not ready, answered 503"
+        else:
+            return True
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.msg, record.args = "%s: %s: %s", (answered, type(exc).__name__, exc)
+        record.exc_info, record.exc_text = None, None
         return True
 
 
-def quiet_client_errors() -> None:
-    """Log KServe's answers to bad requests as one WARNING line each (idempotent)."""
+def quiet_expected_errors() -> None:
+    """Log KServe's answers to bad requests and while not ready as one WARNING line each."""
     kserve_logger = logging.getLogger(KSERVE_LOGGER_NAME)
-    if not any(isinstance(f, ClientErrorsAsWarnings) for f in kserve_logger.filters):
-        kserve_logger.addFilter(ClientErrorsAsWarnings())
+    if not any(isinstance(f, ExpectedErrorsAsWarnings) for f in kserve_logger.filters):
+        kserve_logger.addFilter(ExpectedErrorsAsWarnings())
 
 
 class CancelOnDisconnect(HTTPMiddleware):

@@ -14,7 +14,11 @@ from kserve.logging import logger
 from kserve.protocol.grpc import server as kserve_grpc_server
 from timing_asgi import TimingMiddleware
 
-from fineserve.serving.http_guards import GuardedDataPlane, install_http_guards, quiet_client_errors
+from fineserve.serving.http_guards import (
+    GuardedDataPlane,
+    install_http_guards,
+    quiet_expected_errors,
+)
 from fineserve.serving.predictor import ServeOptions, TextClassifierModel
 from fineserve.serving.prometheus_metrics import GRPCRequestMetrics, HTTPRequestMetrics
 from fineserve.serving.repository import (
@@ -52,7 +56,7 @@ class FineserveModelServer(ModelServer):
         )
         install_http_guards(kserve_model_server.app, max_request_bytes, self._served_version)
         wrap_middleware(kserve_model_server.app, latency_logging=self.enable_latency_logging)
-        quiet_client_errors()
+        quiet_expected_errors()
 
     def setup_event_loop(self) -> None:
         """Called by `start` before `asyncio.run`: have that run make the loop asked for.

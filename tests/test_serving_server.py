@@ -184,6 +184,7 @@ def test_grpc_inference(server, texts, reference):
             with pytest.raises(grpc.aio.AioRpcError) as unknown:
                 await client.infer(InferRequest("nope", [InferInput("text", [1], "BYTES", ["a"])]))
             assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+            assert f"this predictor serves '{MODEL}'" in unknown.value.details()
             return as_list, as_raw, bad.value
         finally:
             await client.close()
@@ -343,9 +344,14 @@ BAD_REQUESTS = {
         "/v2/models/nope/infer",
         {"json": _GOOD},
         404,
-        "nope does not exist",
+        f"model 'nope' does not exist here; this predictor serves '{MODEL}'",
     ),
-    "unknown model (v1)": ("/v1/models/nope:predict", {"json": {"instances": ["a"]}}, 404, "nope"),
+    "unknown model (v1)": (
+        "/v1/models/nope:predict",
+        {"json": {"instances": ["a"]}},
+        404,
+        f"model 'nope' does not exist here; this predictor serves '{MODEL}'",
+    ),
     "v1 missing instances": (
         f"/v1/models/{MODEL}:predict",
         {"json": {"inputs": ["a"]}},
@@ -420,8 +426,9 @@ def test_bad_requests_are_logged_as_one_warning_line_without_traceback(http, ser
     assert http.post(_INFER, json=bad_datatype).status_code == 400
     lines = server.log().splitlines()
     logged = [i for i, line in enumerate(lines) if "client error, answered 4xx" in line]
-    assert any(marker in lines[i] and "WARNING" in lines[i] for i in logged), server.log()[-2000:]
-    assert any("FP16" in lines[i] for i in logged), server.log()[-2000:]
+    tail = server.log()[-2000:]
+    assert any(marker in lines[i] and "WARNING" in lines[i] for i in logged), tail
+    assert any("FP16" in lines[i] for i in logged), tail
     assert not any(lines[i + 1 : i + 2] == ["Traceback (most recent call last):"] for i in logged)
 
 
