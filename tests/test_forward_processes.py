@@ -10,6 +10,8 @@ import logging
 import os
 import shutil
 import signal
+import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -17,7 +19,14 @@ import grpc
 import httpx
 import numpy as np
 import pytest
-from serving_helpers import ServerProcess, serve_module_argv, v2_body
+from serving_helpers import (
+    REPO,
+    ServerProcess,
+    free_port,
+    serve_module_argv,
+    server_env,
+    v2_body,
+)
 
 from fineserve.serving.engine import ForwardJob, TextClassifier
 from fineserve.serving.forward_processes import (
@@ -471,3 +480,32 @@ def test_a_server_killed_outright_takes_its_forward_processes_with_it(served_mod
         server.proc.wait(10)
         for pid in forward:
             _wait_for(lambda pid=pid: _is_gone(pid), 10)
+
+
+def test_a_port_taken_while_the_model_loads_ends_the_server_and_its_children(
+    served_model, tmp_path
+):
+    """A failed bind comes after the load (uvicorn binds then): the exit must not hang on them."""
+    http_port, grpc_port = free_port(), free_port()
+    argv = serve_module_argv(served_model, "m", "--device", "cpu", "--forward_workers", "2")
+    argv += ["--http_port", str(http_port), "--grpc_port", str(grpc_port)]
+    log_path = tmp_path / "server.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(argv, cwd=REPO, env=server_env(), stdout=log, stderr=log)
+    try:
+        _wait_for(lambda: len(_forward_processes(proc.pid)) == 2, timeout=120)  # loading
+        forward = _forward_processes(proc.pid)
+        with socket.socket() as holder:
+            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            holder.bind(("0.0.0.0", http_port))
+            holder.listen()
+            _wait_for(lambda: "while attempting to bind" in log_path.read_text(), timeout=300)
+            failed = time.monotonic()
+            assert proc.wait(timeout=30) != 0
+            took = time.monotonic() - failed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert took < 10, f"exited {took:.1f} s after the failed bind"
+    for pid in forward:
+        _wait_for(lambda pid=pid: _is_gone(pid), 5)

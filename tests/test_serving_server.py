@@ -6,6 +6,8 @@ import asyncio
 import gzip
 import json
 import shutil
+import socket
+import subprocess
 import time
 
 import grpc
@@ -15,7 +17,14 @@ import pytest
 from kserve import InferenceGRPCClient, InferenceRESTClient, RESTConfig
 from kserve.protocol.infer_type import InferInput, InferRequest
 from prometheus_client.parser import text_string_to_metric_families
-from serving_helpers import ServerProcess, serve_module_argv, v2_body
+from serving_helpers import (
+    REPO,
+    ServerProcess,
+    free_port,
+    serve_module_argv,
+    server_env,
+    v2_body,
+)
 
 from fineserve.serving.engine import TextClassifier
 
@@ -685,3 +694,25 @@ def test_memory_returns_near_its_start_after_a_burst_of_maximum_size_requests(mo
         time.sleep(3)
         grown = (process.memory_info().rss - start) / 2**20
     assert grown < 100, f"RSS grew by {grown:.0f} MB after the bursts"
+
+
+@pytest.mark.parametrize("taken", ["HTTP", "gRPC"])
+def test_a_port_in_use_ends_the_server_before_it_loads_naming_the_port(model_dir, taken):
+    ports = {"HTTP": free_port(), "gRPC": free_port()}
+    argv = serve_module_argv(model_dir, MODEL, "--device", "cpu")
+    argv += ["--http_port", str(ports["HTTP"]), "--grpc_port", str(ports["gRPC"])]
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("127.0.0.1", ports[taken]))
+        holder.listen()
+        started = time.monotonic()
+        ended = subprocess.run(
+            argv, cwd=REPO, env=server_env(), capture_output=True, text=True, timeout=120
+        )
+        took = time.monotonic() - started
+    output = ended.stdout + ended.stderr
+    assert ended.returncode == 1, output[-3000:]
+    assert f"cannot listen on the {taken} port {ports[taken]}" in output
+    assert "Address already in use" in output
+    assert "loaded" not in output and "Loading weights" not in output  # no load, no children
+    assert took < 60, f"{took:.1f} s: (imports only)"

@@ -570,6 +570,27 @@ def test_a_model_that_cannot_answer_now_is_a_503_saying_why_and_is_not_loaded_ag
         asyncio.run(plane.model_ready("nope"))
 
 
+def test_a_port_in_use_is_refused_naming_it_before_anything_loads():
+    import socket
+
+    from serving_helpers import free_port
+
+    from fineserve.serving.server import PortInUse, check_ports_free
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken, free = holder.getsockname()[1], free_port()
+        with pytest.raises(PortInUse, match=f"HTTP port {taken} .*Address already in use"):
+            check_ports_free(taken, free)
+        with pytest.raises(PortInUse, match=f"gRPC port {taken} "):
+            check_ports_free(free, taken)
+        check_ports_free(free, None)  # gRPC off: its port is not needed
+    with pytest.raises(PortInUse, match=f"both given port {free}"):
+        check_ports_free(free, free)
+    check_ports_free(free, free_port())
+
+
 def test_the_tokenizer_sees_a_bounded_prefix_of_a_huge_text(tiny_classifier):
     from fineserve.serving.engine import CHARS_PER_TOKEN_BOUND
 
