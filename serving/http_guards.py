@@ -6,6 +6,7 @@ Bad input: body size limit, unparseable bodies, binary decoding, unknown models 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import struct
@@ -50,12 +51,56 @@ async def validation_error_handler(_: Request, exc: RequestValidationError) -> J
     return _error(400, "invalid inference request: " + "; ".join(problems))
 
 
+#: A body over the limit is read and dropped, up to this many bytes and seconds, before the
+#: 413 is sent: a client that sends its whole body before it reads (Python's urllib, ...) then
+#: reads the 413. Closing a socket with unread data makes the kernel answer with a reset, which
+#: such a client gets instead of the answer.
+DRAIN_MAX_BYTES = 256 << 20
+DRAIN_MAX_S = 30.0
+
+
 def _too_large(max_request_bytes: int) -> JSONResponse:
-    return _error(
+    response = _error(
         413,
         f"request body is larger than the limit of {max_request_bytes} bytes "
         "(--max_request_bytes); send fewer or shorter texts per request",
     )
+    response.headers["connection"] = "close"  # the rest of the body is not read (past a drain)
+    return response
+
+
+async def _drain(receive: Receive) -> None:
+    """Read and drop the rest of a request body, within DRAIN_MAX_BYTES and DRAIN_MAX_S."""
+
+    async def read_to_end() -> None:
+        drained = 0
+        while drained <= DRAIN_MAX_BYTES:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                return  # the body ended, or the client went away
+            drained += len(message.get("body", b""))
+
+    with contextlib.suppress(asyncio.TimeoutError):  # (py3.10 raises asyncio's own)
+        await asyncio.wait_for(read_to_end(), DRAIN_MAX_S)
+
+
+def _drain_before_413(receive: Receive, send: Send) -> tuple[Receive, Send]:
+    """For a body of unknown length (chunked): if the app answers 413, drain the body first."""
+    ended = False
+
+    async def tracked_receive() -> Message:
+        nonlocal ended
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            ended = True
+        return message
+
+    async def draining_send(message: Message) -> None:
+        if message["type"] == "http.response.start" and message["status"] == 413 and not ended:
+            await _drain(receive)
+        await send(message)
+
+    return tracked_receive, draining_send
 
 
 _VERSIONED = re.compile(r"^/v2/models/(?P<name>[^/]+)/versions/(?P<version>[^/]+)(?P<rest>/.*)?$")
@@ -84,7 +129,8 @@ class RequestGuard(HTTPMiddleware):
 
     - A Content-Length over the limit gets the 413 that names it. Starlette's body limiter
       replaces any answer to such a request with a plain "Content Too Large", so this check
-      runs outside it, before the body is read.
+      runs outside it. The body is drained first (bounded), unless the client waits for a
+      "100 Continue" before sending it; so is a chunked body the app answers 413 to.
     - A Content-Encoding (gzip, ...) gets a 415: bodies are read as they come.
     - `/v2/models/NAME/versions/V/...` is served as `/v2/models/NAME/...` when V is the
       version served (KServe answers 501 to any version), else a 404 naming the served one.
@@ -102,6 +148,8 @@ class RequestGuard(HTTPMiddleware):
         headers = Headers(scope=scope)
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_request_bytes:
+            if headers.get("expect", "").lower() != "100-continue":  # else: no body is coming
+                await _drain(receive)
             await _too_large(self.max_request_bytes)(scope, receive, send)
             return
         encoding = headers.get("content-encoding", "identity").strip().lower()
@@ -121,6 +169,8 @@ class RequestGuard(HTTPMiddleware):
                     return
                 path = f"/v2/models/{name}{versioned.group('rest') or ''}"
                 scope = {**scope, "path": path, "raw_path": path.encode()}
+        if not declared and "chunked" in headers.get("transfer-encoding", "").lower():
+            receive, send = _drain_before_413(receive, send)
         await self.app(scope, receive, send)
 
 

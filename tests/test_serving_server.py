@@ -507,6 +507,30 @@ def test_a_client_sending_a_huge_body_reads_the_413(http, server):
     assert server.alive() and http.post(_INFER, json=_GOOD).status_code == 200
 
 
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_a_client_that_sends_the_whole_body_before_reading_reads_the_413(http, server, framing):
+    """Python's urllib sends all of a 64 MiB body before it reads: it gets the 413, no reset."""
+    import urllib.error
+    import urllib.request
+
+    body = b"x" * (64 << 20)
+    data = (
+        body
+        if framing == "content-length"
+        else iter([body[i : i + (1 << 20)] for i in range(0, len(body), 1 << 20)])
+    )
+    request = urllib.request.Request(f"{server.url}{_INFER}", data=data, headers=_JSON)
+    started = time.monotonic()
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=60)
+    took = time.monotonic() - started
+    assert refused.value.code == 413, refused.value
+    assert refused.value.headers["connection"] == "close"
+    assert f"limit of {MAX_BYTES} bytes" in json.loads(refused.value.read())["error"]
+    assert took < 20, f"{took:.1f} s"
+    assert server.alive() and http.post(_INFER, json=_GOOD).status_code == 200
+
+
 def test_grpc_and_http_accept_and_refuse_the_same_requests(server, http):
     from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
     from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
