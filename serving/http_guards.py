@@ -133,7 +133,8 @@ class RequestGuard(HTTPMiddleware):
       "100 Continue" before sending it; so is a chunked body the app answers 413 to.
     - A Content-Encoding (gzip, ...) gets a 415: bodies are read as they come.
     - `/v2/models/NAME/versions/V/...` is served as `/v2/models/NAME/...` when V is the
-      version served (KServe answers 501 to any version), else a 404 naming the served one.
+      version served (KServe answers 501 to any version), else a 404 naming the served one;
+      for a model not served at all, KServe's 404 on the unversioned path names it.
     """
 
     def __init__(
@@ -167,8 +168,8 @@ class RequestGuard(HTTPMiddleware):
                 except NotServed as err:
                     await _error(404, err.reason)(scope, receive, send)
                     return
-                path = f"/v2/models/{name}{versioned.group('rest') or ''}"
-                scope = {**scope, "path": path, "raw_path": path.encode()}
+            path = f"/v2/models/{name}{versioned.group('rest') or ''}"
+            scope = {**scope, "path": path, "raw_path": path.encode()}
         if not declared and "chunked" in headers.get("transfer-encoding", "").lower():
             receive, send = _drain_before_413(receive, send)
         await self.app(scope, receive, send)

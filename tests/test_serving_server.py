@@ -355,6 +355,12 @@ BAD_REQUESTS = {
         404,
         f"model 'nope' does not exist here; this predictor serves '{MODEL}'",
     ),
+    "unknown model, versioned path (v2)": (
+        "/v2/models/nope/versions/1/infer",
+        {"json": _GOOD},
+        404,
+        f"model 'nope' does not exist here; this predictor serves '{MODEL}'",
+    ),
     "unknown model (v1)": (
         "/v1/models/nope:predict",
         {"json": {"instances": ["a"]}},
@@ -431,12 +437,15 @@ BAD_REQUESTS = {
 def test_bad_requests_are_logged_as_one_warning_line_without_traceback(http, server):
     marker = "no-such-model-1f3a"
     assert http.post(f"/v2/models/{marker}/infer", json=_GOOD).status_code == 404
+    versioned = "no-such-model-2b7c"
+    assert http.post(f"/v2/models/{versioned}/versions/1/infer", json=_GOOD).status_code == 404
     bad_datatype = {"inputs": [{**_GOOD["inputs"][0], "datatype": "FP16"}], "id": marker}
     assert http.post(_INFER, json=bad_datatype).status_code == 400
     lines = server.log().splitlines()
     logged = [i for i, line in enumerate(lines) if "client error, answered 4xx" in line]
     tail = server.log()[-2000:]
     assert any(marker in lines[i] and "WARNING" in lines[i] for i in logged), tail
+    assert any(versioned in lines[i] and "WARNING" in lines[i] for i in logged), tail
     assert any("FP16" in lines[i] for i in logged), tail
     assert not any(lines[i + 1 : i + 2] == ["Traceback (most recent call last):"] for i in logged)
 
