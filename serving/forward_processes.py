@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import multiprocessing
+import os
 import signal
-import threading
-import time
+import sys
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
@@ -104,17 +105,52 @@ def _child_main(conn: Connection, settings: dict) -> None:
         conn.send(reply)
 
 
+#: prctl(2) option: the signal the kernel sends this process when its parent thread ends.
+_PR_SET_PDEATHSIG = 1
+
+
+def _child_entry(conn: Connection, settings: dict, parent_pid: int) -> None:
+    """A child's first steps: die with the server, then load and serve (`_child_main`)."""
+    _die_with_parent(parent_pid)
+    _child_main(conn, settings)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Have the kernel SIGKILL this process when the server's thread that started it ends.
+
+    A server killed outright (SIGKILL, the OOM killer) runs no clean-up, and a child busy
+    loading or stuck in a pass would outlive it, holding a copy of the model. Linux only
+    (prctl(2), PR_SET_PDEATHSIG); elsewhere a child ends when it finds its pipe closed.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    signum = ctypes.c_ulong(signal.SIGKILL)
+    if libc.prctl(ctypes.c_int(_PR_SET_PDEATHSIG), signum, *[ctypes.c_ulong(0)] * 3) != 0:
+        return  # (not expected on Linux; the pipe still ends the child with the server)
+    if os.getppid() != parent_pid:  # the server died before the call above: nobody to serve
+        os._exit(1)
+
+
+class NoForwardProcess(ForwardProcessError):
+    """No forward process can take a pass: none is running, or they are stopping."""
+
+
 class _Child:
     """One forward process and the parent's end of its pipe."""
 
     def __init__(self, number: int, settings: ChildSettings) -> None:
         context = multiprocessing.get_context("spawn")  # fork is unsafe after torch's threads
         self.number = number
-        self.overdue = False  # killed for a pass that took too long
+        self.overdue = False  # killed for a pass (or a start) that took too long
+        self.busy = False  # holds a pass, or the answer of a cancelled one is still due
+        self.exit_seen = False  # its process was seen to end while it was busy
+        self.retired = False  # found dead (or killed) and taken out of service
+        self.start_timer: asyncio.TimerHandle | None = None  # gives up on a slow start
         self.conn, child_conn = context.Pipe()
         self.process: BaseProcess = context.Process(
-            target=_child_main,
-            args=(child_conn, asdict(settings)),
+            target=_child_entry,
+            args=(child_conn, asdict(settings), os.getpid()),
             name=f"fineserve-forward-{number}",
             daemon=True,
         )
@@ -122,23 +158,34 @@ class _Child:
         child_conn.close()
 
     def wait_ready(self, settings: ChildSettings) -> None:
-        """Block until the child has loaded the model as the parent did; else raise."""
+        """Block until the child has loaded the model as the parent did; else stop it, raise."""
         try:
-            if not self.conn.poll(START_TIMEOUT_S):
-                raise ForwardProcessError(f"not ready after {START_TIMEOUT_S:.0f} s")
-            message = self.conn.recv()
-        except (EOFError, OSError):
-            self.process.join(5)
-            message = ("failed", f"it exited with code {self.process.exitcode}")
-        except ForwardProcessError as exc:
-            message = ("failed", str(exc))
-        if message[0] != "ready":
+            arrived = self.conn.poll(START_TIMEOUT_S)
+        except OSError:
+            arrived = True  # (take_ready reads why)
+        if not arrived:
+            self.overdue = True
+        try:
+            self.take_ready(settings)
+        except ForwardProcessError:
             self.stop()
+            raise
+
+    def take_ready(self, settings: ChildSettings) -> None:
+        """Read the child's first message (it has sent one, or ended); raise unless ready."""
+        if self.overdue:
+            message = ("failed", f"not ready after {START_TIMEOUT_S:.0f} s")
+        else:
+            try:
+                message = self.conn.recv()
+            except (EOFError, OSError):
+                self.process.join(1)  # (its pipe ended: it has exited or is about to)
+                message = ("failed", f"it exited with code {self.process.exitcode}")
+        if message[0] != "ready":
             raise ForwardProcessError(f"forward process {self.number} failed to load: {message[1]}")
         loaded = _describe(*message[1:])
         decided = _describe(settings.dtype, settings.compile == "on", settings.unpad == "auto")
         if loaded != decided:
-            self.stop()
             raise ForwardProcessError(
                 f"forward process {self.number} loaded the model {loaded}, "
                 f"not as the server decided: {decided}"
@@ -173,9 +220,11 @@ def _describe(precision: str, compiled: bool, unpadded: bool) -> str:
 class ForwardProcesses:
     """``count`` child processes that run planned forward passes; `run` awaits one's answer.
 
-    Used from one event loop. A child that dies is replaced in the background (retried, with
-    a growing pause, while starting fails); passes wait for an idle child meanwhile, unless
-    none is running and the last start failed, when they fail at once with the reason.
+    Used from one event loop (`watch` attaches it; the first `run` does too). The loop
+    watches each child's process sentinel, so a child that dies, idle or not, is taken out of
+    service at once and a new one started in its place, from the loop's thread (retried, with
+    a growing pause, while starting fails). `ready` is true while at least one child runs;
+    while none does, passes fail at once with `NoForwardProcess` instead of waiting.
     """
 
     def __init__(
@@ -188,14 +237,20 @@ class ForwardProcesses:
         self.pass_timeout_s = pass_timeout_s
         self._loop: asyncio.AbstractEventLoop | None = None
         self._idle: asyncio.Queue[_Child | None] | None = None
-        self._children: list[_Child] = []
+        self._children: list[_Child] = []  # running and ready: idle or in a pass
         self._busy: dict[_Child, asyncio.Future] = {}  # child -> the future its answer resolves
-        self._starting: list[_Child] = []  # replacements still loading (in their own threads)
+        self._starting: list[_Child] = []  # replacements still loading
+        self._retries: dict[int, asyncio.TimerHandle] = {}  # child number -> its next start
+        self._pauses: dict[int, float] = {}  # child number -> pause after its next failed start
         self._failure: str | None = None  # why the last replacement failed to start
         self._closed = False
 
     def start(self) -> None:
-        """Start every child and wait until all have loaded the model (they load at once)."""
+        """Start every child and wait until all have loaded the model (they load at once).
+
+        Call it from the thread that will run the event loop: the kernel ends the children
+        when the thread that started them ends.
+        """
         children = [_Child(n, self.settings) for n in range(self.count)]
         try:
             for child in children:
@@ -212,24 +267,41 @@ class ForwardProcesses:
         """Process ids of the running children."""
         return [child.process.pid for child in self._children]
 
+    @property
+    def ready(self) -> bool:
+        """Whether a child can take a pass now (attributes only: cheap enough for every call)."""
+        return bool(self._children) and not self._closed
+
+    @property
+    def unavailable_reason(self) -> str | None:
+        """Why no pass can run now; None while one can."""
+        if self._closed:
+            return "the forward processes are stopping"
+        if self._children:
+            return None
+        starting = f"{len(self._starting) + len(self._retries)} starting"
+        if self._failure:
+            starting += f"; the last start failed: {self._failure}"
+        return f"no forward process is running ({starting})"
+
+    def watch(self) -> None:
+        """Watch the children from the running event loop (call it on the loop, at start-up)."""
+        self._attach(asyncio.get_running_loop())
+
     async def run(self, job: ForwardJob) -> np.ndarray:
         """Probabilities of one planned pass, run by an idle child."""
-        loop = asyncio.get_running_loop()
-        if self._loop is not loop:  # the first pass (an asyncio.Queue belongs to one loop)
-            self._loop, self._idle = loop, asyncio.Queue()
-            for child in self._children:
-                self._idle.put_nowait(child)
+        self._attach(asyncio.get_running_loop())
         while True:
-            if self._closed:
-                raise ForwardProcessError("the forward processes are stopping")
-            if not self._children and self._failure:
-                raise ForwardProcessError(f"no forward process is running: {self._failure}")
+            if not self.ready:
+                raise NoForwardProcess(self.unavailable_reason)
             child = await self._idle.get()
             if child is None:  # a wake-up: stopping, or the last child is gone (checked above)
-                if self._closed or not self._children:
+                if not self.ready:
                     self._idle.put_nowait(None)  # (for the next waiter too)
                 continue  # (a child came back meanwhile: the wake-up is stale, dropped)
-            if child.exited():  # died while idle: no pass lost, take the next
+            if child.retired:  # died while idle, and already replaced
+                continue
+            if child.exited():  # died while idle, not yet seen by the loop: no pass lost
                 self._replace(child)
                 continue
             try:
@@ -237,7 +309,43 @@ class ForwardProcesses:
             except OSError:
                 self._replace(child)
                 continue
+            child.busy = True
             return await self._answer(child)
+
+    def _attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Serve passes from ``loop`` and watch the children from it (a no-op if it does)."""
+        if self._loop is loop:
+            return
+        old, self._loop, self._idle = self._loop, loop, asyncio.Queue()
+        if old is not None and not old.is_closed():
+            for child in (*self._children, *self._starting):
+                old.remove_reader(child.process.sentinel)
+                old.remove_reader(child.conn.fileno())
+        for child in list(self._children):
+            if child.busy:  # an answer due on a loop that is gone: it would answer a new pass
+                child.process.kill()
+                self._replace(child)
+            else:
+                self._watch(child)
+                self._idle.put_nowait(child)
+        for child in self._starting:
+            self._await_start(child)
+        for number in list(self._retries):
+            self._retries[number].cancel()
+            self._retries[number] = loop.call_soon(self._start, number)
+
+    def _watch(self, child: _Child) -> None:
+        """Have the loop call `_exited` as soon as ``child``'s process ends."""
+        self._loop.add_reader(child.process.sentinel, self._exited, child)
+
+    def _exited(self, child: _Child) -> None:
+        self._loop.remove_reader(child.process.sentinel)
+        if child.retired:
+            return
+        if child.busy:  # its pipe ends too: the pass learns it, and `_receive` replaces it
+            child.exit_seen = True
+            return
+        self._replace(child)
 
     async def _answer(self, child: _Child) -> np.ndarray:
         loop = asyncio.get_running_loop()
@@ -276,7 +384,11 @@ class ForwardProcesses:
             raise ForwardProcessError(
                 f"forward process {child.number} {why}; a new one is starting"
             ) from None
-        self._idle.put_nowait(child)
+        child.busy = False
+        if child.exit_seen:  # it answered, then died
+            self._replace(child)
+        else:
+            self._idle.put_nowait(child)
         return reply
 
     def _kill_overdue(self, child: _Child) -> None:
@@ -295,69 +407,103 @@ class ForwardProcesses:
             self._receive(child)
 
     def _replace(self, dead: _Child) -> None:
-        """Start a child in the dead one's place, in a thread; it joins the idle ones when ready."""
-        dead.process.join(0)  # reap it, if it has exited, for the exit code
+        """Take a dead (or killed) child out of service and start another in its place."""
+        if dead.retired:
+            return
+        dead.retired = True
+        self._loop.remove_reader(dead.process.sentinel)
+        self._loop.remove_reader(dead.conn.fileno())
+        if dead.process.is_alive():  # e.g. its pipe broke: no child runs unwatched
+            dead.process.kill()
+        dead.process.join(1)  # reap it, for the exit code
         logger.error(
             "forward process %d (pid %s) exited with code %s; starting another",
             dead.number, dead.process.pid, dead.process.exitcode,
         )  # fmt: skip
         dead.conn.close()
         self._children.remove(dead)
-        threading.Thread(
-            target=self._start_until_ready,
-            args=(dead.number,),
-            daemon=True,
-            name=f"fineserve-forward-{dead.number}-start",
-        ).start()  # fmt: skip  (a daemon: a server shutting down does not wait for a load)
-
-    def _start_until_ready(self, number: int) -> None:
-        pause = 1.0
-        while not self._closed:
-            child = _Child(number, self.settings)
-            self._starting.append(child)
-            try:
-                child.wait_ready(self.settings)
-            except ForwardProcessError as exc:
-                if self._closed:  # killed by close(); the loop may be gone too
-                    return
-                self._loop.call_soon_threadsafe(self._start_failed, str(exc))
-                time.sleep(pause)
-                pause = min(pause * 2, 60.0)
-                continue
-            finally:
-                self._starting.remove(child)
-            self._loop.call_soon_threadsafe(self._started, child)
-            return
-
-    def _start_failed(self, why: str) -> None:
-        self._failure = why
-        logger.error("a forward process could not be started (trying again): %s", why)
         if not self._children:
-            self._idle.put_nowait(None)  # wake the passes waiting for a child: they fail
+            logger.error("no forward process is running: not ready until one has started")
+            self._idle.put_nowait(None)  # wake the passes waiting for a child: they fail now
+        self._start(dead.number)
 
-    def _started(self, child: _Child) -> None:
+    def _start(self, number: int) -> None:
+        """Start child ``number`` from the loop's thread; `_start_reported` takes its answer."""
+        self._retries.pop(number, None)
         if self._closed:
-            child.stop(wait_s=0)
             return
+        try:
+            child = _Child(number, self.settings)
+        except OSError as exc:  # no memory or process slot to start one
+            self._start_failed(number, f"forward process {number} could not be started: {exc}")
+            return
+        self._starting.append(child)
+        self._await_start(child)
+
+    def _await_start(self, child: _Child) -> None:
+        if child.start_timer is not None:
+            child.start_timer.cancel()
+        child.start_timer = self._loop.call_later(START_TIMEOUT_S, self._start_overdue, child)
+        self._loop.add_reader(child.conn.fileno(), self._start_reported, child)
+
+    def _start_overdue(self, child: _Child) -> None:
+        child.overdue = True
+        child.process.kill()  # its pipe ends: `_start_reported` says why
+
+    def _start_reported(self, child: _Child) -> None:
+        """A starting child said it is ready, or failed (or died): serve with it, or retry."""
+        self._loop.remove_reader(child.conn.fileno())
+        child.start_timer.cancel()
+        self._starting.remove(child)
+        try:
+            child.take_ready(self.settings)
+        except ForwardProcessError as exc:
+            child.process.kill()  # (it has failed; a killed one is reaped by the next start)
+            child.conn.close()
+            self._start_failed(child.number, str(exc))
+            return
+        self._pauses.pop(child.number, None)
         self._failure = None
         self._children.append(child)
+        self._watch(child)
         self._idle.put_nowait(child)
         logger.info("forward process %d (pid %s) is ready", child.number, child.process.pid)
+
+    def _start_failed(self, number: int, why: str) -> None:
+        self._failure = why
+        pause = self._pauses.get(number, 1.0)
+        self._pauses[number] = min(pause * 2, 60.0)
+        logger.error(
+            "a forward process could not be started (trying again in %g s): %s", pause, why
+        )
+        self._retries[number] = self._loop.call_later(pause, self._start, number)
 
     def close(self) -> None:
         """Stop every child; passes still waiting for one fail (call it on the event loop)."""
         self._closed = True
-        for child, answer in list(self._busy.items()):
-            if self._loop is not None:
-                self._loop.remove_reader(child.conn.fileno())
-            if not answer.done():
-                answer.set_exception(ForwardProcessError("the forward processes are stopping"))
-        if self._idle is not None:
-            self._idle.put_nowait(None)
+        loop = self._loop if self._loop is not None and not self._loop.is_closed() else None
+        for retry in self._retries.values():
+            retry.cancel()
+        self._retries.clear()
         for child in self._starting:
+            if loop is not None:
+                loop.remove_reader(child.conn.fileno())
+                child.start_timer.cancel()
             child.process.kill()
+            child.process.join(1)
+            child.conn.close()
+        self._starting = []
+        for child, answer in list(self._busy.items()):
+            if loop is not None:
+                loop.remove_reader(child.conn.fileno())
+                if not answer.done():
+                    answer.set_exception(NoForwardProcess("the forward processes are stopping"))
         for child in self._children:
+            if loop is not None:
+                loop.remove_reader(child.process.sentinel)
             child.ask_to_stop()  # all at once: they finish their passes side by side
+        if self._idle is not None and loop is not None:
+            self._idle.put_nowait(None)
         for child in self._children:
             child.stop()
         self._children = []

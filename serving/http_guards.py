@@ -1,8 +1,12 @@
-"""Make bad HTTP input a clear 4xx: body size limit, unparseable bodies, binary decoding."""
+"""Clear answers to what the predictor cannot serve: 4xx for bad HTTP input, 503 while unable.
+
+Bad input: body size limit, unparseable bodies, binary decoding, unknown models and versions.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import struct
@@ -14,8 +18,9 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from kserve.constants.constants import INFERENCE_CONTENT_LENGTH_HEADER
-from kserve.errors import InferenceError, InvalidInput, ModelNotFound
+from kserve.errors import InferenceError, InvalidInput, ModelNotFound, ModelNotReady, ServerNotReady
 from kserve.logging import KSERVE_LOGGER_NAME
+from kserve.model import BaseKServeModel
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.infer_type import InferRequest
 from kserve.protocol.rest.v2_datamodels import InferenceRequest
@@ -46,12 +51,56 @@ async def validation_error_handler(_: Request, exc: RequestValidationError) -> J
     return _error(400, "invalid inference request: " + "; ".join(problems))
 
 
+#: A body over the limit is read and dropped, up to this many bytes and seconds, before the
+#: 413 is sent: a client that sends its whole body before it reads (Python's urllib, ...) then
+#: reads the 413. Closing a socket with unread data makes the kernel answer with a reset, which
+#: such a client gets instead of the answer.
+DRAIN_MAX_BYTES = 256 << 20
+DRAIN_MAX_S = 30.0
+
+
 def _too_large(max_request_bytes: int) -> JSONResponse:
-    return _error(
+    response = _error(
         413,
         f"request body is larger than the limit of {max_request_bytes} bytes "
         "(--max_request_bytes); send fewer or shorter texts per request",
     )
+    response.headers["connection"] = "close"  # the rest of the body is not read (past a drain)
+    return response
+
+
+async def _drain(receive: Receive) -> None:
+    """Read and drop the rest of a request body, within DRAIN_MAX_BYTES and DRAIN_MAX_S."""
+
+    async def read_to_end() -> None:
+        drained = 0
+        while drained <= DRAIN_MAX_BYTES:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                return  # the body ended, or the client went away
+            drained += len(message.get("body", b""))
+
+    with contextlib.suppress(asyncio.TimeoutError):  # (py3.10 raises asyncio's own)
+        await asyncio.wait_for(read_to_end(), DRAIN_MAX_S)
+
+
+def _drain_before_413(receive: Receive, send: Send) -> tuple[Receive, Send]:
+    """For a body of unknown length (chunked): if the app answers 413, drain the body first."""
+    ended = False
+
+    async def tracked_receive() -> Message:
+        nonlocal ended
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            ended = True
+        return message
+
+    async def draining_send(message: Message) -> None:
+        if message["type"] == "http.response.start" and message["status"] == 413 and not ended:
+            await _drain(receive)
+        await send(message)
+
+    return tracked_receive, draining_send
 
 
 _VERSIONED = re.compile(r"^/v2/models/(?P<name>[^/]+)/versions/(?P<version>[^/]+)(?P<rest>/.*)?$")
@@ -80,10 +129,12 @@ class RequestGuard(HTTPMiddleware):
 
     - A Content-Length over the limit gets the 413 that names it. Starlette's body limiter
       replaces any answer to such a request with a plain "Content Too Large", so this check
-      runs outside it, before the body is read.
+      runs outside it. The body is drained first (bounded), unless the client waits for a
+      "100 Continue" before sending it; so is a chunked body the app answers 413 to.
     - A Content-Encoding (gzip, ...) gets a 415: bodies are read as they come.
     - `/v2/models/NAME/versions/V/...` is served as `/v2/models/NAME/...` when V is the
-      version served (KServe answers 501 to any version), else a 404 naming the served one.
+      version served (KServe answers 501 to any version), else a 404 naming the served one;
+      for a model not served at all, KServe's 404 on the unversioned path names it.
     """
 
     def __init__(
@@ -98,6 +149,8 @@ class RequestGuard(HTTPMiddleware):
         headers = Headers(scope=scope)
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_request_bytes:
+            if headers.get("expect", "").lower() != "100-continue":  # else: no body is coming
+                await _drain(receive)
             await _too_large(self.max_request_bytes)(scope, receive, send)
             return
         encoding = headers.get("content-encoding", "identity").strip().lower()
@@ -115,8 +168,10 @@ class RequestGuard(HTTPMiddleware):
                 except NotServed as err:
                     await _error(404, err.reason)(scope, receive, send)
                     return
-                path = f"/v2/models/{name}{versioned.group('rest') or ''}"
-                scope = {**scope, "path": path, "raw_path": path.encode()}
+            path = f"/v2/models/{name}{versioned.group('rest') or ''}"
+            scope = {**scope, "path": path, "raw_path": path.encode()}
+        if not declared and "chunked" in headers.get("transfer-encoding", "").lower():
+            receive, send = _drain_before_413(receive, send)
         await self.app(scope, receive, send)
 
 
@@ -162,12 +217,66 @@ def install_http_guards(
     app.add_exception_handler(HTTPException, http_error_handler(max_request_bytes))
 
 
+class ModelUnavailable(ModelNotReady):
+    """A model that cannot answer now (e.g. no forward process runs): HTTP 503, gRPC UNAVAILABLE.
+
+    KServe's gRPC interceptor answers with the exception's ``reason``
+    (kserve/protocol/grpc/interceptors.py), which its ModelNotReady lacks.
+    """
+
+    def __init__(self, model_name: str, reason: str | None) -> None:
+        super().__init__(model_name)
+        if reason:
+            self.error_msg = f"model {model_name!r} cannot answer now: {reason}; try again shortly"
+        self.reason = self.error_msg
+
+
 class GuardedDataPlane(DataPlane):
     """KServe's DataPlane, with v2 bodies it cannot decode reported as a 400 naming the problem.
 
     Ready means a model can answer: KServe's says ready with no model loaded at all. Model
-    metadata carries what the model's `metadata()` adds (its version, its precision).
+    metadata carries what the model's `metadata()` adds (its version, its precision). A model
+    not served is a 404 naming what is; one that cannot answer now is a 503 saying why, at
+    once (KServe's `get_model` would load it again, on the event loop).
     """
+
+    def _not_served(self, model_name: str) -> NotServed:
+        served = ", ".join(repr(name) for name in self._model_registry.get_models()) or "none"
+        return NotServed(
+            f"model {model_name!r} does not exist here; this predictor serves {served}"
+        )
+
+    def _registered(self, model_name: str) -> BaseKServeModel:
+        model = self._model_registry.get_model(model_name)
+        if model is None:
+            raise self._not_served(model_name)
+        return model
+
+    def get_model_from_registry(self, name: str) -> BaseKServeModel:
+        """The model called ``name``; a 404 naming the served ones if there is none."""
+        return self._registered(name)
+
+    async def get_model(self, name: str) -> BaseKServeModel:
+        """The model called ``name``, ready to answer; else a 404, or a 503 saying why."""
+        model = self._registered(name)
+        if not await model.healthy():
+            raise ModelUnavailable(name, getattr(model, "unavailable_reason", None))
+        return model
+
+    async def model_ready(
+        self, model_name: str, disable_predictor_health_check: bool = False
+    ) -> bool:
+        """Whether the model is ready; on a request's path, a 503 saying why it is not.
+
+        KServe's request handlers (rest/v1_endpoints.py, rest/v2_endpoints.py) ask with
+        ``disable_predictor_health_check=True`` and answer a bare 503 on False; the readiness
+        endpoints ask without it and get the bool.
+        """
+        model = self._registered(model_name)
+        ready = await super().model_ready(model_name, disable_predictor_health_check)
+        if not ready and disable_predictor_health_check:
+            raise ModelUnavailable(model_name, getattr(model, "unavailable_reason", None))
+        return ready
 
     async def ready(self) -> bool:
         """True when at least one model is loaded and every loaded model is ready."""
@@ -209,33 +318,38 @@ class GuardedDataPlane(DataPlane):
             raise InvalidInput(f"malformed binary inference request: {reason}") from exc
 
 
-class ClientErrorsAsWarnings(logging.Filter):
-    """KServe logs each 400/404 it answers as an ERROR with a traceback; make it one WARNING.
+class ExpectedErrorsAsWarnings(logging.Filter):
+    """KServe logs each 400/404/503 it answers as an ERROR with a traceback; make it one WARNING.
 
-    A caller's bad request is not a server fault: it should not page anyone or bury real
-    errors under tracebacks. Other exceptions keep KServe's ERROR and traceback.
+    A caller's bad request is not a server fault, and a 503 while no forward process runs (or
+    a readiness probe's "not ready") repeats a cause logged once where it happened: neither
+    should page anyone or bury real errors under tracebacks. Other exceptions keep KServe's
+    ERROR and traceback.
     """
 
     CLIENT_ERRORS = (InvalidInput, ModelNotFound)
+    NOT_READY = (ModelNotReady, ServerNotReady)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        """Turn a client error's ERROR with traceback into one WARNING line; keep the rest."""
+        """Turn an expected error's ERROR with traceback into one WARNING line; keep the rest."""
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, self.CLIENT_ERRORS):
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
-            record.msg, record.args = (
-                "client error, answered 4xx: %s: %s",
-                (type(exc).__name__, exc),
-            )
-            record.exc_info, record.exc_text = None, None
+            answered = "client error, answered 4xx"
+        elif isinstance(exc, self.NOT_READY):
+            answered = "not ready, answered 503"
+        else:
+            return True
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.msg, record.args = "%s: %s: %s", (answered, type(exc).__name__, exc)
+        record.exc_info, record.exc_text = None, None
         return True
 
 
-def quiet_client_errors() -> None:
-    """Log KServe's answers to bad requests as one WARNING line each (idempotent)."""
+def quiet_expected_errors() -> None:
+    """Log KServe's answers to bad requests and while not ready as one WARNING line each."""
     kserve_logger = logging.getLogger(KSERVE_LOGGER_NAME)
-    if not any(isinstance(f, ClientErrorsAsWarnings) for f in kserve_logger.filters):
-        kserve_logger.addFilter(ClientErrorsAsWarnings())
+    if not any(isinstance(f, ExpectedErrorsAsWarnings) for f in kserve_logger.filters):
+        kserve_logger.addFilter(ExpectedErrorsAsWarnings())
 
 
 class CancelOnDisconnect(HTTPMiddleware):

@@ -18,9 +18,11 @@ from fineserve.serving.engine import UNPAD_MODES, TextClassifier, pick_device, p
 from fineserve.serving.forward_processes import (
     FORWARD_IN,
     ForwardProcesses,
+    NoForwardProcess,
     child_settings,
     uses_processes,
 )
+from fineserve.serving.http_guards import ModelUnavailable
 from fineserve.serving.memory import IdleMemoryTrimmer
 from fineserve.serving.precision import PRECISIONS, ProbeSettings
 from fineserve.serving.prometheus_metrics import ModelMetrics
@@ -80,7 +82,15 @@ class ServeOptions:
 
 
 class TextClassifierModel(Model):
-    """Serves a fineserve HF directory over v1 (`:predict`) and v2 (REST and gRPC)."""
+    """Serves a fineserve HF directory over v1 (`:predict`) and v2 (REST and gRPC).
+
+    Ready means it can answer now: loaded, and (with forward processes) at least one of them
+    running. KServe reads `ready` for every readiness endpoint (HTTP v1 and v2, gRPC
+    `ServerReady`/`ModelReady`, through `healthy()`) and before every inference request, so
+    it is a property of the live children, not a flag set once at load. The forward
+    processes are KServe's "engine" of the model: `start_engine` runs on the server's event
+    loop as it starts (kserve/model_server.py), and has the loop watch the children.
+    """
 
     def __init__(
         self,
@@ -98,6 +108,25 @@ class TextClassifierModel(Model):
         self.processes: ForwardProcesses | None = None
         self.metrics: ModelMetrics | None = None
         self.memory = IdleMemoryTrimmer()
+
+    @property
+    def ready(self) -> bool:
+        """Loaded, and able to answer now (a forward process is running, if they are used)."""
+        processes = self.processes
+        return self._ready and (processes is None or processes.ready)
+
+    @ready.setter
+    def ready(self, value: bool) -> None:
+        self._ready = value
+
+    @property
+    def unavailable_reason(self) -> str | None:
+        """Why the model cannot answer now (None when it is ready)."""
+        if self.ready:
+            return None
+        if self._ready and self.processes is not None:
+            return self.processes.unavailable_reason
+        return "it is not loaded"
 
     def load(self) -> bool:
         """Load weights and tokenizer, warm up once, and set up the batcher."""
@@ -120,6 +149,7 @@ class TextClassifierModel(Model):
             self.processes = ForwardProcesses(child_settings(self.classifier, threads), workers)
             self.processes.start()  # each child loads (and warms up) the model as decided above
             self.classifier.release_model()  # this process only tokenizes from now on
+            self.engine = True  # KServe then awaits `start_engine` on its event loop
         else:
             self.classifier.predict_proba(["warm-up"])
         gc.collect()
@@ -161,6 +191,15 @@ class TextClassifierModel(Model):
         )
         self.ready = True
         return self.ready
+
+    async def start_engine(self) -> None:
+        """On the server's event loop as it starts: watch the forward processes from it.
+
+        A child that dies, even idle, is then seen at once: readiness drops as the last one
+        goes, and a replacement starts.
+        """
+        self.processes.watch()
+        await super().start_engine()
 
     def stop(self) -> None:
         """Stop the forward processes (on shutdown, and when the model is unloaded)."""
@@ -212,7 +251,10 @@ class TextClassifierModel(Model):
         else:
             json_body = "json" in (headers or {}).get("content-type", "")
             texts = protocol.texts_from_v1(payload, limit, json_body)
-        probs = await self.batcher.submit(texts)
+        try:
+            probs = await self.batcher.submit(texts)
+        except NoForwardProcess as exc:  # the last child died under this request: a 503
+            raise ModelUnavailable(self.name, str(exc)) from exc
         self.metrics.observe_predictions(probs)
         labels = self.classifier.labels
         if isinstance(payload, InferRequest):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,11 @@ from kserve.logging import logger
 from kserve.protocol.grpc import server as kserve_grpc_server
 from timing_asgi import TimingMiddleware
 
-from fineserve.serving.http_guards import GuardedDataPlane, install_http_guards, quiet_client_errors
+from fineserve.serving.http_guards import (
+    GuardedDataPlane,
+    install_http_guards,
+    quiet_expected_errors,
+)
 from fineserve.serving.predictor import ServeOptions, TextClassifierModel
 from fineserve.serving.prometheus_metrics import GRPCRequestMetrics, HTTPRequestMetrics
 from fineserve.serving.repository import (
@@ -52,7 +58,7 @@ class FineserveModelServer(ModelServer):
         )
         install_http_guards(kserve_model_server.app, max_request_bytes, self._served_version)
         wrap_middleware(kserve_model_server.app, latency_logging=self.enable_latency_logging)
-        quiet_client_errors()
+        quiet_expected_errors()
 
     def setup_event_loop(self) -> None:
         """Called by `start` before `asyncio.run`: have that run make the loop asked for.
@@ -124,6 +130,12 @@ def serve(
 
     The server is made first: it configures KServe's logging, which the load then logs to.
     KServe's per-request latency log lines are off unless asked for: /metrics has latencies.
+    A port already taken ends it (exit code 1) before the load, and however serving ends
+    (a bind that fails after all, a crash, SIGTERM) the forward processes are stopped: uvicorn
+    answers a failed bind with `sys.exit(1)` from inside the event loop, and the exit would
+    otherwise wait forever in multiprocessing's exit hook, which joins children that ignore
+    the SIGTERM it sends them (they ignore it so that a signal to the whole process group
+    lets the server drain its requests through them).
     """
     server_kwargs.setdefault("enable_latency_logging", False)
     server = FineserveModelServer(
@@ -132,9 +144,52 @@ def serve(
         **server_kwargs,
     )
     log_like_kserve()
+    try:
+        check_ports_free(server.http_port, server.grpc_port if server.enable_grpc else None)
+    except PortInUse as exc:
+        logger.error("%s", exc)
+        raise SystemExit(1) from None
     model = TextClassifierModel(model_name, model_dir, options, model_version)
     model.load()
-    server.start([model])
+    try:
+        server.start([model])
+    finally:
+        model.stop()
+
+
+class PortInUse(OSError):
+    """A port the server must listen on is taken."""
+
+
+def check_ports_free(http_port: int, grpc_port: int | None) -> None:
+    """Raise `PortInUse` if the HTTP or gRPC port cannot be bound (before a long model load).
+
+    Binds as the servers will, then lets go: uvicorn binds 0.0.0.0 with SO_REUSEADDR
+    (uvicorn/config.py, `Config.bind_socket`); gRPC binds [::], IPv4 and IPv6
+    (kserve/protocol/grpc/server.py), with SO_REUSEPORT, which would let it share a port with
+    another gRPC server: refused here, requests would be split between the two.
+    """
+    ports = [("HTTP", http_port)] + ([("gRPC", grpc_port)] if grpc_port is not None else [])
+    if grpc_port == http_port:
+        raise PortInUse(f"the HTTP and the gRPC server are both given port {http_port}")
+    for what, port in ports:
+        for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+            try:
+                sock = socket.socket(family, socket.SOCK_STREAM)
+            except OSError:  # no IPv6 here
+                continue
+            with sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    with contextlib.suppress(OSError):
+                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                try:
+                    sock.bind((host, port))
+                except OSError as exc:
+                    raise PortInUse(
+                        f"cannot listen on the {what} port {port} ({host}): {exc.strerror}; "
+                        "stop what uses it or choose another port"
+                    ) from exc
 
 
 def log_like_kserve() -> None:

@@ -16,6 +16,13 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 
 
+def server_env() -> dict[str, str]:
+    """The environment a predictor subprocess runs in: offline, importing this checkout."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
 def free_port() -> int:
     """A TCP port nobody listens on right now."""
     with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
@@ -46,13 +53,11 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def __enter__(self) -> ServerProcess:
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 [*self.argv, *self.port_args()],
                 cwd=REPO,
-                env=env,
+                env=server_env(),
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )

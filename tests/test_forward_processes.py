@@ -3,23 +3,36 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import json
 import logging
 import os
 import shutil
 import signal
+import socket
+import subprocess
 import time
 from pathlib import Path
 
+import grpc
 import httpx
 import numpy as np
 import pytest
-from serving_helpers import ServerProcess, serve_module_argv, v2_body
+from serving_helpers import (
+    REPO,
+    ServerProcess,
+    free_port,
+    serve_module_argv,
+    server_env,
+    v2_body,
+)
 
 from fineserve.serving.engine import ForwardJob, TextClassifier
 from fineserve.serving.forward_processes import (
     ForwardProcessError,
     ForwardProcesses,
+    NoForwardProcess,
     child_settings,
     uses_processes,
 )
@@ -204,6 +217,10 @@ def test_a_hung_child_is_killed_after_the_pass_timeout_and_replaced(classifier, 
         os.kill(hung, signal.SIGSTOP)  # alive, but it never answers
         with pytest.raises(ForwardProcessError, match="over 1 s and was killed"):
             await asyncio.wait_for(pool.run(jobs[0]), timeout=30)
+        assert not pool.ready  # its only child is gone: passes fail until the new one runs
+        with pytest.raises(NoForwardProcess, match=r"no forward process is running \(1 starting\)"):
+            await pool.run(jobs[1])
+        await _until_all_children_run(pool)
         return await asyncio.wait_for(pool.run(jobs[1]), timeout=60)  # by its replacement
 
     try:
@@ -269,8 +286,16 @@ def _children(pid: int) -> list[int]:
     """Child processes of ``pid``, whichever of its threads started them."""
     children = []
     for listing in Path(f"/proc/{pid}/task").glob("*/children"):
-        children += [int(child) for child in listing.read_text().split()]
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # (a thread ended)
+            children += [int(child) for child in listing.read_text().split()]
     return children
+
+
+def _forward_processes(server_pid: int) -> list[int]:
+    """The server's forward processes now running (not the resource tracker, not zombies)."""
+    return [
+        pid for pid in _children(server_pid) if "spawn_main" in _cmdline(pid) and not _is_gone(pid)
+    ]
 
 
 @pytest.fixture
@@ -310,3 +335,177 @@ def _cmdline(pid: int) -> str:
             return cmdline.read().replace(b"\0", b" ").decode()
     except FileNotFoundError:
         return ""
+
+
+READY = {
+    "v2 server": 200,
+    "v2 model": 200,
+    "v1 model": 200,
+    "gRPC server": True,
+    "gRPC model": True,
+}
+NOT_READY = {
+    "v2 server": 503,
+    "v2 model": 503,
+    "v1 model": 503,
+    "gRPC server": False,
+    "gRPC model": False,
+}
+
+
+def _readiness(server: ServerProcess) -> dict[str, object]:
+    """What each readiness endpoint says: HTTP v2 server and model, v1 model, gRPC both."""
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+    from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
+
+    with httpx.Client(base_url=server.url, timeout=10) as http:
+        said = {
+            "v2 server": http.get("/v2/health/ready").status_code,
+            "v2 model": http.get("/v2/models/m/ready").status_code,
+            "v1 model": http.get("/v1/models/m").status_code,
+        }
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        said["gRPC server"] = stub.ServerReady(pb.ServerReadyRequest(), timeout=10).ready
+        said["gRPC model"] = stub.ModelReady(pb.ModelReadyRequest(name="m"), timeout=10).ready
+    return said
+
+
+def _grpc_infer(server: ServerProcess) -> grpc.StatusCode:
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+    from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
+
+    text = pb.ModelInferRequest.InferInputTensor(
+        name="text",
+        datatype="BYTES",
+        shape=[1],
+        contents=pb.InferTensorContents(bytes_contents=[b"hi"]),
+    )
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        try:
+            GRPCInferenceServiceStub(channel).ModelInfer(
+                pb.ModelInferRequest(model_name="m", inputs=[text]), timeout=30
+            )
+        except grpc.RpcError as err:
+            return err.code()
+    return grpc.StatusCode.OK
+
+
+def _post_all(url: str, count: int) -> list[httpx.Response]:
+    """``count`` concurrent v2 inference requests to ``url`` (a server), as a client would."""
+
+    async def fire():
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            calls = [
+                client.post("/v2/models/m/infer", json=v2_body([f"t{i}"])) for i in range(count)
+            ]
+            return await asyncio.gather(*calls)
+
+    return asyncio.run(fire())
+
+
+def test_with_no_forward_process_running_every_readiness_endpoint_says_so_and_requests_get_503(
+    served_model, tmp_path
+):
+    """Both children killed (OOM killer, a crash): not ready at once, and 503s, not 98 s waits.
+
+    The model folder is made unreadable first, so the replacements cannot start until it is
+    back: the server is not ready meanwhile, and says why. Children that die idle, with no
+    request to find them dead, are seen as quickly.
+    """
+    argv = serve_module_argv(
+        served_model, "m", "--device", "cpu", "--forward_workers", "2", "--max_batch_size", "1"
+    )  # (a pass per request: two run, and the others wait for a child)
+    with ServerProcess(argv, log_path=tmp_path / "server.log") as server:
+        assert _readiness(server) == READY
+        forward = _forward_processes(server.proc.pid)
+        assert len(forward) == 2
+        (served_model / "config.json").rename(served_model / "config.json.away")
+        for pid in forward:
+            os.kill(pid, signal.SIGSTOP)  # each takes a pass and holds it
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(_post_all, server.url, 6)
+            time.sleep(1.0)
+            for pid in forward:
+                os.kill(pid, signal.SIGKILL)
+            killed = time.monotonic()
+            answered = in_flight.result(timeout=60)
+        assert time.monotonic() - killed < 10, "requests in flight waited for a replacement"
+        codes = sorted(response.status_code for response in answered)
+        assert set(codes) <= {500, 503} and 503 in codes, codes  # 500: the passes it held
+
+        _wait_for(lambda: _readiness(server) == NOT_READY, timeout=5)
+        assert time.monotonic() - killed < 10
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            started = time.monotonic()
+            refused = http.post("/v2/models/m/infer", json=v2_body(["now?"]))
+            assert refused.status_code == 503 and time.monotonic() - started < 2
+            assert (
+                http.post("/v1/models/m:predict", json={"instances": ["now?"]}).status_code == 503
+            )
+            assert http.get("/v2/health/live").status_code == 200  # the pod is not restarted
+        assert _grpc_infer(server) == grpc.StatusCode.UNAVAILABLE
+        _wait_for(lambda: "could not be started" in server.log(), timeout=120)
+        _wait_for(lambda: "config.json" in _inference_error(server), timeout=120)
+        log = server.log()
+        assert "ModelDirError" in log and "config.json" in log.split("could not be started")[1]
+        assert _readiness(server) == NOT_READY
+
+        (served_model / "config.json.away").rename(served_model / "config.json")
+        _wait_for(lambda: _readiness(server) == READY, timeout=240)
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            assert http.post("/v2/models/m/infer", json=v2_body(["back"])).status_code == 200
+        assert _grpc_infer(server) == grpc.StatusCode.OK
+
+        for pid in _forward_processes(server.proc.pid):  # idle: no request will find them dead
+            os.kill(pid, signal.SIGKILL)
+        _wait_for(lambda: _readiness(server) == NOT_READY, timeout=5)
+        _wait_for(lambda: _readiness(server) == READY, timeout=240)
+
+
+def _inference_error(server: ServerProcess) -> str:
+    """The error a v2 inference request gets now ("" if it is answered)."""
+    response = httpx.post(f"{server.url}/v2/models/m/infer", json=v2_body(["x"]), timeout=30)
+    return "" if response.status_code == 200 else response.json()["error"]
+
+
+def test_a_server_killed_outright_takes_its_forward_processes_with_it(served_model, tmp_path):
+    """SIGKILL (the OOM killer) runs no clean-up: the kernel ends the children, even stuck ones."""
+    argv = serve_module_argv(served_model, "m", "--device", "cpu", "--forward_workers", "2")
+    with ServerProcess(argv, log_path=tmp_path / "server.log") as server:
+        forward = _forward_processes(server.proc.pid)
+        assert len(forward) == 2
+        os.kill(forward[0], signal.SIGSTOP)  # stuck: it would never read its pipe's end
+        os.kill(server.proc.pid, signal.SIGKILL)
+        server.proc.wait(10)
+        for pid in forward:
+            _wait_for(lambda pid=pid: _is_gone(pid), 10)
+
+
+def test_a_port_taken_while_the_model_loads_ends_the_server_and_its_children(
+    served_model, tmp_path
+):
+    """A failed bind comes after the load (uvicorn binds then): the exit must not hang on them."""
+    http_port, grpc_port = free_port(), free_port()
+    argv = serve_module_argv(served_model, "m", "--device", "cpu", "--forward_workers", "2")
+    argv += ["--http_port", str(http_port), "--grpc_port", str(grpc_port)]
+    log_path = tmp_path / "server.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(argv, cwd=REPO, env=server_env(), stdout=log, stderr=log)
+    try:
+        _wait_for(lambda: len(_forward_processes(proc.pid)) == 2, timeout=120)  # loading
+        forward = _forward_processes(proc.pid)
+        with socket.socket() as holder:
+            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            holder.bind(("0.0.0.0", http_port))
+            holder.listen()
+            _wait_for(lambda: "while attempting to bind" in log_path.read_text(), timeout=300)
+            failed = time.monotonic()
+            assert proc.wait(timeout=30) != 0
+            took = time.monotonic() - failed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert took < 10, f"exited {took:.1f} s after the failed bind"
+    for pid in forward:
+        _wait_for(lambda pid=pid: _is_gone(pid), 5)

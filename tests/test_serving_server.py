@@ -6,6 +6,8 @@ import asyncio
 import gzip
 import json
 import shutil
+import socket
+import subprocess
 import time
 
 import grpc
@@ -15,7 +17,14 @@ import pytest
 from kserve import InferenceGRPCClient, InferenceRESTClient, RESTConfig
 from kserve.protocol.infer_type import InferInput, InferRequest
 from prometheus_client.parser import text_string_to_metric_families
-from serving_helpers import ServerProcess, serve_module_argv, v2_body
+from serving_helpers import (
+    REPO,
+    ServerProcess,
+    free_port,
+    serve_module_argv,
+    server_env,
+    v2_body,
+)
 
 from fineserve.serving.engine import TextClassifier
 
@@ -184,6 +193,7 @@ def test_grpc_inference(server, texts, reference):
             with pytest.raises(grpc.aio.AioRpcError) as unknown:
                 await client.infer(InferRequest("nope", [InferInput("text", [1], "BYTES", ["a"])]))
             assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+            assert f"this predictor serves '{MODEL}'" in unknown.value.details()
             return as_list, as_raw, bad.value
         finally:
             await client.close()
@@ -343,9 +353,20 @@ BAD_REQUESTS = {
         "/v2/models/nope/infer",
         {"json": _GOOD},
         404,
-        "nope does not exist",
+        f"model 'nope' does not exist here; this predictor serves '{MODEL}'",
     ),
-    "unknown model (v1)": ("/v1/models/nope:predict", {"json": {"instances": ["a"]}}, 404, "nope"),
+    "unknown model, versioned path (v2)": (
+        "/v2/models/nope/versions/1/infer",
+        {"json": _GOOD},
+        404,
+        f"model 'nope' does not exist here; this predictor serves '{MODEL}'",
+    ),
+    "unknown model (v1)": (
+        "/v1/models/nope:predict",
+        {"json": {"instances": ["a"]}},
+        404,
+        f"model 'nope' does not exist here; this predictor serves '{MODEL}'",
+    ),
     "v1 missing instances": (
         f"/v1/models/{MODEL}:predict",
         {"json": {"inputs": ["a"]}},
@@ -416,12 +437,16 @@ BAD_REQUESTS = {
 def test_bad_requests_are_logged_as_one_warning_line_without_traceback(http, server):
     marker = "no-such-model-1f3a"
     assert http.post(f"/v2/models/{marker}/infer", json=_GOOD).status_code == 404
+    versioned = "no-such-model-2b7c"
+    assert http.post(f"/v2/models/{versioned}/versions/1/infer", json=_GOOD).status_code == 404
     bad_datatype = {"inputs": [{**_GOOD["inputs"][0], "datatype": "FP16"}], "id": marker}
     assert http.post(_INFER, json=bad_datatype).status_code == 400
     lines = server.log().splitlines()
     logged = [i for i, line in enumerate(lines) if "client error, answered 4xx" in line]
-    assert any(marker in lines[i] and "WARNING" in lines[i] for i in logged), server.log()[-2000:]
-    assert any("FP16" in lines[i] for i in logged), server.log()[-2000:]
+    tail = server.log()[-2000:]
+    assert any(marker in lines[i] and "WARNING" in lines[i] for i in logged), tail
+    assert any(versioned in lines[i] and "WARNING" in lines[i] for i in logged), tail
+    assert any("FP16" in lines[i] for i in logged), tail
     assert not any(lines[i + 1 : i + 2] == ["Traceback (most recent call last):"] for i in logged)
 
 
@@ -488,6 +513,30 @@ def test_a_client_sending_a_huge_body_reads_the_413(http, server):
     response = http.post(_INFER, content=b"x" * (64 << 20), headers=_JSON)
     assert response.status_code == 413
     assert f"limit of {MAX_BYTES} bytes" in response.json()["error"]
+    assert server.alive() and http.post(_INFER, json=_GOOD).status_code == 200
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_a_client_that_sends_the_whole_body_before_reading_reads_the_413(http, server, framing):
+    """Python's urllib sends all of a 64 MiB body before it reads: it gets the 413, no reset."""
+    import urllib.error
+    import urllib.request
+
+    body = b"x" * (64 << 20)
+    data = (
+        body
+        if framing == "content-length"
+        else iter([body[i : i + (1 << 20)] for i in range(0, len(body), 1 << 20)])
+    )
+    request = urllib.request.Request(f"{server.url}{_INFER}", data=data, headers=_JSON)
+    started = time.monotonic()
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=60)
+    took = time.monotonic() - started
+    assert refused.value.code == 413, refused.value
+    assert refused.value.headers["connection"] == "close"
+    assert f"limit of {MAX_BYTES} bytes" in json.loads(refused.value.read())["error"]
+    assert took < 20, f"{took:.1f} s"
     assert server.alive() and http.post(_INFER, json=_GOOD).status_code == 200
 
 
@@ -678,3 +727,25 @@ def test_memory_returns_near_its_start_after_a_burst_of_maximum_size_requests(mo
         time.sleep(3)
         grown = (process.memory_info().rss - start) / 2**20
     assert grown < 100, f"RSS grew by {grown:.0f} MB after the bursts"
+
+
+@pytest.mark.parametrize("taken", ["HTTP", "gRPC"])
+def test_a_port_in_use_ends_the_server_before_it_loads_naming_the_port(model_dir, taken):
+    ports = {"HTTP": free_port(), "gRPC": free_port()}
+    argv = serve_module_argv(model_dir, MODEL, "--device", "cpu")
+    argv += ["--http_port", str(ports["HTTP"]), "--grpc_port", str(ports["gRPC"])]
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("127.0.0.1", ports[taken]))
+        holder.listen()
+        started = time.monotonic()
+        ended = subprocess.run(
+            argv, cwd=REPO, env=server_env(), capture_output=True, text=True, timeout=120
+        )
+        took = time.monotonic() - started
+    output = ended.stdout + ended.stderr
+    assert ended.returncode == 1, output[-3000:]
+    assert f"cannot listen on the {taken} port {ports[taken]}" in output
+    assert "Address already in use" in output
+    assert "loaded" not in output and "Loading weights" not in output  # no load, no children
+    assert took < 60, f"{took:.1f} s: (imports only)"

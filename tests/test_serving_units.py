@@ -536,6 +536,61 @@ def test_readiness_means_a_model_can_answer():
     assert asyncio.run(plane.ready()) is False
 
 
+def test_a_model_that_cannot_answer_now_is_a_503_saying_why_and_is_not_loaded_again():
+    from kserve.model_repository import ModelRepository
+
+    from fineserve.serving.http_guards import GuardedDataPlane, ModelUnavailable
+    from fineserve.serving.protocol import NotServed
+
+    class Stub:
+        name, ready, loads = "m", False, 0
+        unavailable_reason = "no forward process is running (2 starting)"
+
+        async def healthy(self) -> bool:
+            return self.ready
+
+        def load(self) -> bool:  # KServe's get_model loads a model that is not ready
+            Stub.loads += 1
+            return True
+
+    repository = ModelRepository()
+    repository.update(Stub())
+    plane = GuardedDataPlane(model_registry=repository)
+    why = r"model 'm' cannot answer now: no forward process is running \(2 starting\)"
+    with pytest.raises(ModelUnavailable, match=why) as unavailable:  # gRPC's inference path
+        asyncio.run(plane.get_model("m"))
+    assert unavailable.value.reason == str(unavailable.value)  # what gRPC's status carries
+    with pytest.raises(ModelUnavailable, match=why):  # HTTP's inference paths
+        asyncio.run(plane.model_ready("m", disable_predictor_health_check=True))
+    assert asyncio.run(plane.model_ready("m")) is False  # the readiness endpoints
+    assert Stub.loads == 0
+    with pytest.raises(
+        NotServed, match="model 'nope' does not exist here; this predictor serves 'm'"
+    ):
+        asyncio.run(plane.model_ready("nope"))
+
+
+def test_a_port_in_use_is_refused_naming_it_before_anything_loads():
+    import socket
+
+    from serving_helpers import free_port
+
+    from fineserve.serving.server import PortInUse, check_ports_free
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken, free = holder.getsockname()[1], free_port()
+        with pytest.raises(PortInUse, match=f"HTTP port {taken} .*Address already in use"):
+            check_ports_free(taken, free)
+        with pytest.raises(PortInUse, match=f"gRPC port {taken} "):
+            check_ports_free(free, taken)
+        check_ports_free(free, None)  # gRPC off: its port is not needed
+    with pytest.raises(PortInUse, match=f"both given port {free}"):
+        check_ports_free(free, free)
+    check_ports_free(free, free_port())
+
+
 def test_the_tokenizer_sees_a_bounded_prefix_of_a_huge_text(tiny_classifier):
     from fineserve.serving.engine import CHARS_PER_TOKEN_BOUND
 
