@@ -44,6 +44,9 @@ func main() {
 	runDir := flag.String("run-dir", "", "folder for the kubeconfig and the logs of the processes; "+
 		"default: a new temporary folder, removed on exit")
 	stdinEOF := flag.Bool("exit-on-stdin-eof", false, "stop when stdin closes (as it does when the parent process dies)")
+	gatewayAPI := flag.Bool("gateway-api", true, "KServe's Standard mode writes HTTPRoutes to the Gateway "+
+		"kserve/kserve-ingress-gateway (enableGatewayApi in inferenceservice-config), as the README asks of a "+
+		"cluster; false: KServe's shipped setting, Ingress objects")
 	zapOpts := zap.Options{}
 	zapOpts.BindFlags(flag.CommandLine)
 	flag.Parse()
@@ -61,7 +64,7 @@ func main() {
 		}
 		*runDir = dir
 	}
-	if err := run(*assets, *runDir, *stdinEOF); err != nil {
+	if err := run(*assets, *runDir, *stdinEOF, *gatewayAPI); err != nil {
 		fmt.Fprintf(os.Stderr, "controlplane: %v (logs in %s)\n", err, *runDir)
 		os.Exit(1)
 	}
@@ -71,7 +74,7 @@ func main() {
 }
 
 // run starts everything, waits for a stop request, and stops everything it started.
-func run(assets, runDir string, stdinEOF bool) (err error) {
+func run(assets, runDir string, stdinEOF, gatewayAPI bool) (err error) {
 	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer cancel()
 	if stdinEOF {
@@ -151,7 +154,7 @@ func run(assets, runDir string, stdinEOF bool) (err error) {
 	if err != nil {
 		return err
 	}
-	if err := seedCluster(ctx, cli, assets); err != nil {
+	if err := seedCluster(ctx, cli, assets, gatewayAPI); err != nil {
 		return err
 	}
 
@@ -167,6 +170,9 @@ func run(assets, runDir string, stdinEOF bool) (err error) {
 	}
 	kubelet, err := newKubelet(cfg, scheme)
 	if err != nil {
+		return err
+	}
+	if err := addGateway(kubelet); err != nil {
 		return err
 	}
 	ctx, stopManagers := context.WithCancel(ctx)
@@ -207,10 +213,11 @@ func run(assets, runDir string, stdinEOF bool) (err error) {
 }
 
 // seedCluster creates what a KServe installation brings besides CRDs and webhooks: its namespace
-// and inferenceservice-config ConfigMap (config/configmap/inferenceservice.yaml, as shipped),
-// and, as KServe's controller suite does (suite_test.go, BeforeSuite), Knative Serving's
-// namespace with an empty config-autoscaler (Knative's defaults apply).
-func seedCluster(ctx context.Context, cli client.Client, assets string) error {
+// and inferenceservice-config ConfigMap (config/configmap/inferenceservice.yaml, as shipped, but
+// for enableGatewayApi with gatewayAPI, and then the Gateway), and, as KServe's controller suite
+// does (suite_test.go, BeforeSuite), Knative Serving's namespace with an empty config-autoscaler
+// (Knative's defaults apply).
+func seedCluster(ctx context.Context, cli client.Client, assets string, gatewayAPI bool) error {
 	raw, err := os.ReadFile(filepath.Join(assets, "config", "inferenceservice.yaml"))
 	if err != nil {
 		return err
@@ -226,9 +233,19 @@ func seedCluster(ctx context.Context, cli client.Client, assets string) error {
 		&corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{
 			Name: constants.AutoscalerConfigmapName, Namespace: constants.AutoscalerConfigmapNamespace}},
 	}
+	if gatewayAPI {
+		if err := enableGatewayAPI(isvcConfig); err != nil {
+			return err
+		}
+		gw, err := ingressGateway(isvcConfig)
+		if err != nil {
+			return err
+		}
+		objects = append(objects, gw)
+	}
 	for _, obj := range objects {
 		if err := cli.Create(ctx, obj); err != nil && !apierrors.IsAlreadyExists(err) {
-			return fmt.Errorf("creating %s %s: %w", obj.GetObjectKind().GroupVersionKind().Kind, obj.GetName(), err)
+			return fmt.Errorf("creating %T %s: %w", obj, obj.GetName(), err)
 		}
 	}
 	return nil

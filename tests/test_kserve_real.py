@@ -7,8 +7,10 @@ garbage-collector and namespace controllers: every object and status field read 
 written by the Kubernetes or KServe code that writes it on a cluster.
 Emulated: the kubelet and the scheduler (controlplane/kubelet.go binds pods to one node and
 reports container states; no container runs: pods are ready, never ready, or crash-looping as
-the test says), and Knative Serving, whose CRDs are installed but whose controllers do not run
-(Serverless-mode InferenceServices get a Knative Service that nobody reconciles).
+the test says), the Gateway API implementation (controlplane/gateway.go accepts HTTPRoutes whose
+Gateway and Services exist; no traffic flows), and Knative Serving, whose CRDs are installed but
+whose controllers do not run (a Serverless-mode InferenceService gets a Knative Service that
+nobody reconciles).
 See docs/control-plane.md.
 """
 
@@ -108,7 +110,7 @@ def test_the_webhook_refuses_a_canary_that_autoscales(cluster, namespace):
 
 
 def test_a_standard_inference_service_becomes_ready(control_plane, cluster, namespace):
-    """KServe creates the Deployment, Service and HPA; the pods start; KServe reports Ready."""
+    """KServe creates the Deployment, Service, HPA and HTTPRoute; the pods start; it is Ready."""
     from kubernetes import client
 
     cluster.create(
@@ -130,6 +132,12 @@ def test_a_standard_inference_service_becomes_ready(control_plane, cluster, name
         deployment_name, namespace
     )
     assert hpa.spec.max_replicas == settings("1").max_replicas
+    route = client.CustomObjectsApi(api).get_namespaced_custom_object(
+        "gateway.networking.k8s.io", "v1", namespace, "httproutes", deployment_name
+    )
+    backends = [ref["name"] for rule in route["spec"]["rules"] for ref in rule["backendRefs"]]
+    assert backends == [deployment_name]
+    assert condition(ready, "IngressReady").get("status") == "True"
     assert condition(ready, "PredictorReady").get("status") == "True"
     assert ready["status"]["modelStatus"]["transitionStatus"] == "UpToDate"
 
