@@ -49,9 +49,10 @@ type kubelet struct {
 	clientset kubernetes.Interface
 }
 
-// newKubelet builds the stand-in kubelet in a manager of its own: KServe's manager caches only
-// InferenceService pods (cache_config.go), the kubelet sees all of them.
-func newKubelet(cfg *rest.Config, scheme *runtime.Scheme) (ctrl.Manager, error) {
+// newStandIns builds a manager for the stand-ins of what does not run here, the kubelet and a
+// Gateway API implementation. It is a manager of its own: KServe's caches only InferenceService
+// pods (cache_config.go), the kubelet needs all of them.
+func newStandIns(cfg *rest.Config, scheme *runtime.Scheme) (ctrl.Manager, error) {
 	clientset, err := kubernetes.NewForConfig(cfg)
 	if err != nil {
 		return nil, err
@@ -64,11 +65,14 @@ func newKubelet(cfg *rest.Config, scheme *runtime.Scheme) (ctrl.Manager, error) 
 	if err := mgr.Add(k.registerNode()); err != nil {
 		return nil, err
 	}
-	return mgr, ctrl.NewControllerManagedBy(mgr).
+	if err := ctrl.NewControllerManagedBy(mgr).
 		Named("kubelet").
 		For(&corev1.Pod{}).
 		Watches(&corev1.ConfigMap{}, handler.EnqueueRequestsFromMapFunc(k.podsOfNamespace)).
-		Complete(k)
+		Complete(k); err != nil {
+		return nil, err
+	}
+	return mgr, addGateway(mgr)
 }
 
 // registerNode creates the node with a Ready status, as a kubelet registers itself.

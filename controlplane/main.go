@@ -1,7 +1,8 @@
 // Command controlplane runs a Kubernetes control plane for fineserve's tests on 127.0.0.1:
 // kube-apiserver and etcd (started by controller-runtime's envtest from binaries built from Go
 // modules), kube-controller-manager's workload controllers, KServe's own InferenceService
-// controller and admission webhooks, and a stand-in kubelet that reports pod status. It prints
+// controller and admission webhooks, and stand-ins for the kubelet (pod status) and for a
+// Gateway API implementation (HTTPRoute status). It prints
 // `export KUBECONFIG=PATH` once the API answers and KServe's webhooks serve, and stops every
 // process it started on SIGINT, SIGTERM or (with -exit-on-stdin-eof) when its stdin closes.
 package main
@@ -168,28 +169,27 @@ func run(assets, runDir string, stdinEOF, gatewayAPI bool) (err error) {
 	if err != nil {
 		return err
 	}
-	kubelet, err := newKubelet(cfg, scheme)
+	standIns, err := newStandIns(cfg, scheme)
 	if err != nil {
 		return err
 	}
-	if err := addGateway(kubelet); err != nil {
-		return err
-	}
 	ctx, stopManagers := context.WithCancel(ctx)
-	done := make(chan error, 2)
-	for name, mgr := range map[string]ctrl.Manager{"KServe controller manager": kserve, "kubelet": kubelet} {
+	managers := map[string]ctrl.Manager{"KServe's controller manager": kserve, "the stand-ins": standIns}
+	exited := make(chan error, len(managers))
+	for name, mgr := range managers {
 		go func() {
 			if err := mgr.Start(ctx); err != nil {
-				done <- fmt.Errorf("%s: %w", name, err)
+				exited <- fmt.Errorf("%s: %w", name, err)
 				return
 			}
-			done <- nil
+			exited <- nil
 		}()
 	}
+	running := len(managers)
 	defer func() {
 		stopManagers()
-		for range 2 {
-			if mgrErr := <-done; mgrErr != nil && err == nil {
+		for ; running > 0; running-- {
+			if mgrErr := <-exited; mgrErr != nil && err == nil {
 				err = mgrErr
 			}
 		}
@@ -207,6 +207,9 @@ func run(assets, runDir string, stdinEOF, gatewayAPI bool) (err error) {
 	case <-ctx.Done():
 		log.Info("stopping")
 		return nil
+	case mgrErr := <-exited:
+		running--
+		return fmt.Errorf("stopped early: %v", mgrErr)
 	case <-kcm.exited:
 		return fmt.Errorf("kube-controller-manager exited: %v (log: %s)", kcm.err, kcm.logPath)
 	}
