@@ -44,7 +44,7 @@ minor=${minor%%.*}
 ldflags="-s -w -X k8s.io/component-base/version.gitVersion=$k8s_version"
 ldflags+=" -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor"
 ldflags+=" -X k8s.io/component-base/version.gitTreeState=clean"
-nice -n 10 go build -trimpath -ldflags "$ldflags" -o "$work/bin/" . \
+nice -n 10 go build -trimpath -buildvcs=false -ldflags "$ldflags" -o "$work/bin/" . \
   k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
   go.etcd.io/etcd/server/v3
 mv "$work/bin/server" "$work/bin/etcd" # go.etcd.io/etcd/server/v3 is etcd's own main package
