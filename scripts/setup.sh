@@ -27,5 +27,13 @@ python=${PYTHON:-python3}
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" "torch==${TORCH_VERSION:-2.13.0}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 "${pip[@]}" -c constraints.txt -e ".[dev]"
+# The control plane the KServe tests run against (docs/control-plane.md), built from Go modules
+# and cached outside the repository: minutes the first time on a machine, seconds after. Without
+# Go those tests skip.
+if command -v go >/dev/null 2>&1; then
+  bash scripts/build-control-plane.sh >/dev/null
+else
+  echo "WARNING: no Go toolchain; the tests against the real control plane will be skipped" >&2
+fi
 .venv/bin/python -c "import torch, fineserve; print('fineserve ready: torch', torch.__version__, \
 'cuda' if torch.cuda.is_available() else 'cpu')"

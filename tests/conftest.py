@@ -175,3 +175,26 @@ def kserve_controller(fake_kube):
     from kserve_emulator import KServeController
 
     return KServeController(fake_kube)
+
+
+# --- the real control plane: kube-apiserver, etcd, KServe's controller and webhooks
+# (tests/control_plane.py, docs/control-plane.md)
+
+
+@pytest.fixture(scope="session")
+def control_plane(tmp_path_factory):
+    """A real control plane with KServe, started once per session (built first if missing).
+
+    Yields a `control_plane.ControlPlane`: `.kubeconfig` (admin), `.namespace(prefix)` (a new
+    namespace), `.set_pod_behaviour(namespace, deployment, behaviour)`. Skips without Go.
+    """
+    import control_plane
+
+    reason = control_plane.go_missing_reason()
+    if reason:
+        pytest.skip(reason)
+    plane = control_plane.start(tmp_path_factory.mktemp("control-plane"))
+    try:
+        yield plane
+    finally:
+        control_plane.stop(plane)
