@@ -63,6 +63,10 @@ KINDS = [
     Kind("", "v1", "configmaps", "ConfigMap", True, ("cm",)),
     Kind("rbac.authorization.k8s.io", "v1", "roles", "Role"),
     Kind("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding"),
+    # the canary analysis' lease; as for every kind here, an update must carry the
+    # resourceVersion it read (Kubernetes pkg/registry/coordination/lease/strategy.go,
+    # AllowUnconditionalUpdate false; a stale one is 409)
+    Kind("coordination.k8s.io", "v1", "leases", "Lease"),
 ]
 BY_PATH = {(k.group, k.version, k.plural): k for k in KINDS}
 BY_API = {(k.api_version, k.kind): k for k in KINDS}

@@ -35,8 +35,10 @@ from fineserve.core.canary_analysis import (
 from fineserve.core.cluster import Cluster
 from fineserve.core.errors import ClusterError, ParameterError
 from fineserve.core.inference_service import PredictorSettings, read_rollout
+from fineserve.core.lease import Lease
 
 MODEL, ISVC = "clf", "fineserve"
+LEASE_NAME = f"{ISVC}-canary-analysis"
 
 
 GOOD, LOW, BAD = sample(), sample(requests=3), sample(errors=20)
@@ -299,8 +301,7 @@ def test_ctrl_c_leaves_the_traffic_where_it_is_and_gives_the_lease_back(canary, 
     assert outcome.result == "interrupted"
     assert "traffic left where it is (canary v2 at 25%)" in outcome.message
     assert canary_percent(canary) == 25
-    annotations = canary.require(ISVC)["metadata"].get("annotations") or {}
-    assert analysis.LEASE_ANNOTATION not in annotations
+    assert _lease_of(canary) is None
 
 
 def test_no_canary_in_flight_is_refused(cluster, registry):
@@ -316,34 +317,50 @@ def test_no_canary_in_flight_is_refused(cluster, registry):
 # ------------------------------------------------------------------------------ the lease
 
 
-def _lease_of(cluster) -> dict | None:
-    raw = (cluster.require(ISVC)["metadata"].get("annotations") or {}).get(
-        analysis.LEASE_ANNOTATION
-    )
-    return json.loads(raw) if raw else None
+def _lease(cluster, holder: str, **kwargs) -> Lease:
+    return analysis.analysis_lease(cluster, ISVC, ttl=600, holder=holder, **kwargs)
 
 
-def test_a_live_lease_of_another_analyzer_is_respected_and_nothing_changes(canary, registry):
-    other = analysis.Lease(canary, ISVC, ttl=600, owner="ci-runner/42")
-    other.acquire()
-    before = canary.require(ISVC)
-    with pytest.raises(ClusterError, match="being analyzed by ci-runner/42"):
+def _lease_of(cluster) -> tuple[str, float] | None:
+    """Who holds the analysis' Lease and until when; None: nobody."""
+    return _lease(cluster, "reader").holder_now()
+
+
+def _lease_object(fake_kube) -> dict:
+    return fake_kube.get("coordination.k8s.io", "v1", "leases", "fineserve", LEASE_NAME)
+
+
+def test_a_live_lease_of_another_analyzer_is_respected_and_nothing_changes(
+    canary, registry, fake_kube
+):
+    _lease(canary, "ci-runner/42").acquire()
+    before, lease_before = canary.require(ISVC), _lease_object(fake_kube)
+    with pytest.raises(ClusterError) as refused:
         run(canary, registry, [GOOD, GOOD, GOOD])
+    message = str(refused.value)
+    assert "ci-runner/42 holds the canary-analysis lease until" in message
+    assert f"kubectl -n fineserve delete lease {LEASE_NAME}" in message
     after = canary.require(ISVC)
     assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+    assert _lease_object(fake_kube) == lease_before
 
 
-def test_an_expired_lease_is_taken_over_and_ours_is_renewed_each_interval(canary, registry):
-    dead = analysis.Lease(canary, ISVC, ttl=600, owner="gone/1", clock=lambda: time.time() - 3600)
+def test_an_expired_lease_is_taken_over_and_ours_is_renewed_each_interval(
+    canary, registry, fake_kube
+):
+    dead = _lease(canary, "gone/1", clock=lambda: time.time() - 3600)
     dead.acquire()  # expired an hour ago... as far as everyone else's clock goes
+    annotations = canary.require(ISVC)["metadata"].get("annotations")
     expiries: list[float] = []
     prometheus = ScriptedPrometheus([{"2": GOOD}] * 3)
 
     def sleep(seconds: float) -> None:
         prometheus.advance(seconds)
-        lease = _lease_of(canary)
-        assert lease is not None and lease["owner"] != "gone/1"
-        expiries.append(lease["expires"])
+        holder, until = _lease_of(canary)
+        assert holder != "gone/1"
+        expiries.append(until)
+        # the lease is not on the InferenceService: its annotations reach the pod templates
+        assert canary.require(ISVC)["metadata"].get("annotations") == annotations
 
     outcome = analysis.analyze(
         canary, ISVC, prometheus, registry, Settings(interval=60.0), report=lambda _: None,
@@ -352,17 +369,49 @@ def test_an_expired_lease_is_taken_over_and_ours_is_renewed_each_interval(canary
     assert outcome.result == "promoted"
     assert expiries == sorted(expiries) and len(set(expiries)) == 3  # renewed every interval
     assert _lease_of(canary) is None  # released at the end
+    spec = _lease_object(fake_kube)["spec"]
+    assert spec["holderIdentity"] == "" and spec["leaseTransitions"] == 1  # taken over once
+
+
+def test_the_lease_belongs_to_the_inference_service(canary, fake_kube):
+    _lease(canary, "a").acquire()
+    (owner,) = _lease_object(fake_kube)["metadata"]["ownerReferences"]
+    isvc = canary.require(ISVC)
+    assert (owner["apiVersion"], owner["kind"]) == (isvc["apiVersion"], isvc["kind"])
+    assert (owner["name"], owner["uid"]) == (ISVC, isvc["metadata"]["uid"])
 
 
 def test_two_analyzers_racing_for_the_lease_one_wins(canary):
-    first = analysis.Lease(canary, ISVC, ttl=600, owner="a")
-    second = analysis.Lease(canary, ISVC, ttl=600, owner="b")
+    first, second = _lease(canary, "a"), _lease(canary, "b")
     first.acquire()
-    with pytest.raises(ClusterError, match="being analyzed by a"):
+    with pytest.raises(ClusterError, match="a holds the canary-analysis lease"):
         second.acquire()
     first.release()
     second.acquire()
-    assert _lease_of(canary)["owner"] == "b"
+    assert _lease_of(canary)[0] == "b"
+
+
+@pytest.mark.parametrize("existing", [None, "gone/1"], ids=["no-lease-yet", "expired-lease"])
+def test_a_lease_taken_between_our_read_and_our_write_is_not_overwritten(
+    canary, monkeypatch, existing
+):
+    if existing:
+        _lease(canary, existing, clock=lambda: time.time() - 3600).acquire()
+    mine, theirs = _lease(canary, "mine"), _lease(canary, "theirs")
+    unpatched = Lease._request
+    raced: list[str] = []
+
+    def racing(self, verb, *args):
+        if self is mine and verb in ("create", "replace") and not raced:
+            raced.append(verb)
+            theirs.acquire()  # gets in first: our write carries a stale view (409)
+        return unpatched(self, verb, *args)
+
+    monkeypatch.setattr(Lease, "_request", racing)
+    with pytest.raises(ClusterError, match="theirs holds the canary-analysis lease"):
+        mine.acquire()
+    assert raced == ["replace" if existing else "create"]
+    assert _lease_of(canary)[0] == "theirs"
 
 
 @pytest.mark.parametrize(
@@ -546,4 +595,4 @@ def test_an_error_the_lease_cannot_be_given_back_after_says_both(canary, registr
     assert "the lease could not be given back either (the Kubernetes API did not answer)" in (
         message
     )
-    assert analysis.LEASE_ANNOTATION in message and "it expires at" in message
+    assert "it expires at" in message and f"delete the Lease {LEASE_NAME!r}" in message

@@ -269,8 +269,8 @@ def _assert_promoted(cluster, registry) -> None:
     assert state.served_version == GOOD and state.canary is None
     assert registry.get_model_version_by_alias(MODEL, CHAMPION).version == int(GOOD)
     assert registry.get_model_version_by_alias(MODEL, PREVIOUS).version == int(STABLE)
-    annotations = cluster.require(ISVC)["metadata"].get("annotations") or {}
-    assert analysis.LEASE_ANNOTATION not in annotations  # the lease was given back
+    lease = analysis.analysis_lease(cluster, ISVC, ttl=1, holder="reader")
+    assert lease.holder_now() is None  # the lease was given back
 
 
 def test_a_good_canary_is_stepped_up_and_promoted(

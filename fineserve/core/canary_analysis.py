@@ -26,18 +26,15 @@ traffic then moves to the next step, and the last step (100) is a promotion that
 MLflow aliases as `fineserve rollout promote` does. After ``threshold`` failed checks (in all,
 not in a row) the canary is rolled back, `champion` stays; after ``max_inconclusive``
 inconclusive checks in a row the analysis stops with the traffic where it is. Only one
-analyzer works on an InferenceService at a time: it holds a lease (an annotation with its
-owner and expiry) that it renews each interval, and gives back however it ends.
+analyzer works on an InferenceService at a time: it holds the `coordination.k8s.io` Lease
+`<name>-canary-analysis` (fineserve.core.lease), renews it each interval, and gives it back
+however it ends.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import socket
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -48,13 +45,14 @@ from fineserve.core import rollout as rollout_ops
 from fineserve.core.cluster import CONNECT_TIMEOUT, READ_TIMEOUT
 from fineserve.core.errors import ClusterError, ParameterError
 from fineserve.core.inference_service import Rollout, Track, read_rollout
+from fineserve.core.lease import Lease
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
     from fineserve.core.cluster import Cluster
 
-LEASE_ANNOTATION = "fineserve.io/analysis-lease"
+LEASE_PURPOSE = "canary-analysis"
 DEFAULT_STEPS = (10, 25, 50, 100)
 
 #: Endpoints that classify texts (HTTP v1/v2, gRPC).
@@ -562,64 +560,9 @@ def plan(steps: tuple[int, ...], current: int) -> list[int]:
 # ---------------------------------------------------------------------------- the lease
 
 
-@dataclass
-class Lease:
-    """This analyzer's claim on an InferenceService (an annotation with owner and expiry)."""
-
-    cluster: Cluster
-    name: str
-    ttl: float
-    owner: str = field(
-        default_factory=lambda: f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
-    )
-    clock: Callable[[], float] = time.time
-    expires: float = field(default=0.0, init=False)  # of the lease last taken
-
-    def acquire(self) -> None:
-        """Take (or renew) the lease; a ClusterError when another live analyzer holds it."""
-
-        def claim(isvc: dict) -> dict:
-            held = holder(isvc, self.clock())
-            if held and held["owner"] != self.owner:
-                raise ClusterError(
-                    f"InferenceService {self.name!r} is being analyzed by {held['owner']} "
-                    f"(lease until {time.strftime('%H:%M:%S', time.localtime(held['expires']))}"
-                    f"); wait for it, or remove the annotation {LEASE_ANNOTATION} if it died"
-                )
-            written["expires"] = self.clock() + self.ttl
-            return _with_annotation(isvc, json.dumps({"owner": self.owner, **written}))
-
-        written: dict[str, float] = {}
-        self.cluster.change(self.name, claim)
-        self.expires = written["expires"]
-
-    def release(self) -> None:
-        """Give the lease up (if it is still ours)."""
-
-        def drop(isvc: dict) -> dict | None:
-            held = holder(isvc, -math.inf)
-            return _with_annotation(isvc, None) if held and held["owner"] == self.owner else None
-
-        self.cluster.change(self.name, drop)
-
-
-def holder(isvc: dict, now: float) -> dict | None:
-    """The live lease on ``isvc`` (owner, expires), or None when there is none or it expired."""
-    raw = (isvc["metadata"].get("annotations") or {}).get(LEASE_ANNOTATION)
-    try:
-        lease = json.loads(raw) if raw else None
-        return lease if lease and float(lease["expires"]) > now else None
-    except (ValueError, KeyError, TypeError):
-        return None  # unreadable: nobody's
-
-
-def _with_annotation(isvc: dict, value: str | None) -> dict:
-    annotations = dict(isvc["metadata"].get("annotations") or {})
-    if value is None:
-        annotations.pop(LEASE_ANNOTATION, None)
-    else:
-        annotations[LEASE_ANNOTATION] = value
-    return {**isvc, "metadata": {**isvc["metadata"], "annotations": annotations}}
+def analysis_lease(cluster: Cluster, name: str, ttl: float, **kwargs: Any) -> Lease:
+    """The Lease that lets one analyzer at a time work on ``name`` (see fineserve.core.lease)."""
+    return Lease(cluster, name, LEASE_PURPOSE, ttl, **kwargs)
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -696,7 +639,7 @@ def analyze(
     settings.check()
     isvc = cluster.require(name)
     canary, stable = _tracks(read_rollout(isvc), name)
-    lease = Lease(cluster, name, ttl=settings.interval * 3 + 60)
+    lease = analysis_lease(cluster, name, ttl=settings.interval * 3 + 60)
     lease.acquire()
     history: list[Interval] = []
     try:
@@ -812,7 +755,7 @@ def _release_after_error(lease: Lease) -> str:
         until = time.strftime("%H:%M:%S", time.localtime(lease.expires))
         return (
             f"the lease could not be given back either ({failed}); it expires at {until}, or "
-            f"remove the annotation {LEASE_ANNOTATION}"
+            f"delete the {lease.describe()}"
         )
     return ""
 

@@ -11,6 +11,7 @@ client. The objects themselves are built with its models (`fineserve.core.infere
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -77,6 +78,7 @@ class Cluster:
                 f"cannot configure the Kubernetes client for {where}: {err}"
             ) from err
         self.host = api_client.configuration.host
+        self.api_client = api_client
         self.api = client.CustomObjectsApi(api_client)
 
     # ------------------------------------------------------------------ requests
@@ -85,7 +87,7 @@ class Cluster:
         """The InferenceService ``name``, or None when there is none."""
         try:
             return self._call("get", name)
-        except _NotFound:
+        except NotFound:
             return None
 
     def require(self, name: str) -> dict:
@@ -120,7 +122,7 @@ class Cluster:
                 return current, current, False
             try:
                 return current, self.replace(desired), True
-            except _Conflict:
+            except Conflict:
                 continue
         raise ClusterError(
             f"InferenceService {name!r} kept changing under us: {CONFLICT_RETRIES} writes in a "
@@ -150,32 +152,42 @@ class Cluster:
     # ------------------------------------------------------------------ errors
 
     def _call(self, verb: str, name: str, body: dict | None = None) -> Any:
+        where = f"InferenceService {name!r} in namespace {self.namespace!r}"
+        args = (GROUP, API_VERSION, self.namespace, PLURAL)
+        if verb == "get":
+            call = functools.partial(self.api.get_namespaced_custom_object, *args, name)
+        elif verb == "create":
+            call = functools.partial(self.api.create_namespaced_custom_object, *args, body)
+        else:
+            call = functools.partial(self.api.replace_namespaced_custom_object, *args, name, body)
+        return self.request(verb, where, call)
+
+    def request(self, verb: str, where: str, call: Callable[..., Any]) -> Any:
+        """``call(_request_timeout=...)``: one API request with this client's timeouts.
+
+        ``verb`` (get, create, replace) and ``where`` (the object) name it in errors: a 404 is
+        `NotFound` (for create: a ClusterError, the namespace is missing), a 409 `Conflict`,
+        any other failure a ClusterError.
+        """
         from kubernetes.client.exceptions import ApiException
         from urllib3.exceptions import HTTPError
 
-        where = f"InferenceService {name!r} in namespace {self.namespace!r}"
-        args = (GROUP, API_VERSION, self.namespace, PLURAL)
         # a (connect, read) pair: kubernetes/client/rest.py ignores a float that is not a pair
         timeout = {"_request_timeout": self.timeout}
         try:
-            if verb == "get":
-                return self.api.get_namespaced_custom_object(*args, name, **timeout)
-            if verb == "create":
-                return self.api.create_namespaced_custom_object(*args, body, **timeout)
-            return self.api.replace_namespaced_custom_object(*args, name, body, **timeout)
+            return call(**timeout)
         except ApiException as err:
             message = _api_message(err)
-            if err.status == 404 and verb != "create":
-                raise _NotFound(message) from err
-            if err.status == 409 and verb == "replace":
-                raise _Conflict(message) from err
             hint = {
                 401: "the credentials were refused: log in again or check the kubeconfig",
                 403: "the identity lacks this permission: see the Role in manifests/base",
-                404: "does the namespace exist?",
-                409: "it already exists",
+                404: "does the namespace exist?" if verb == "create" else "",
+                409: "it already exists" if verb == "create" else "",
             }.get(err.status, "")
-            raise ClusterError(
+            error = {404: NotFound, 409: Conflict}.get(err.status, ClusterError)
+            if verb == "create" and error is NotFound:  # the namespace, not the object
+                error = ClusterError
+            raise error(
                 f"{verb} {where}: HTTP {err.status}: {message}" + (f" ({hint})" if hint else "")
             ) from err
         except HTTPError as err:
@@ -203,12 +215,12 @@ class Cluster:
         return f"cannot reach the Kubernetes API at {self.host} ({reason})"
 
 
-class _NotFound(Exception):
-    pass
+class NotFound(ClusterError):
+    """The object does not exist (HTTP 404)."""
 
 
-class _Conflict(Exception):
-    pass
+class Conflict(ClusterError):
+    """A write refused as stale, or a create of a name that is taken (HTTP 409)."""
 
 
 def _api_message(err: Any) -> str:
