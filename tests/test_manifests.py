@@ -9,17 +9,13 @@ deserializer into the kserve SDK's typed models and written back: a field the SD
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 import yaml
 from kserve_validation import validate_inference_service
+from manifests_helpers import MANIFESTS, ROOT, kustomize, one
 
-ROOT = Path(__file__).resolve().parent.parent
-MANIFESTS = ROOT / "manifests"
 BASE = MANIFESTS / "base"
 OVERLAYS = sorted(p.parent for p in (MANIFESTS / "overlays").glob("*/kustomization.yaml"))
 KUBERNETES_VERSION = "1.32"
@@ -31,17 +27,6 @@ CORE_GROUPS = ("", "apps", "rbac.authorization.k8s.io", "batch", "networking.k8s
 # --------------------------------------------------------------------------- building
 
 
-def kustomize(path: Path) -> list[dict]:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not installed; it builds the kustomizations (kubectl kustomize)")
-    result = subprocess.run(
-        [kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 0, f"kubectl kustomize {path} failed:\n{result.stderr}"
-    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-
-
 @pytest.fixture(scope="module")
 def base() -> list[dict]:
     return kustomize(BASE)
@@ -50,12 +35,6 @@ def base() -> list[dict]:
 @pytest.fixture(scope="module")
 def gpu() -> list[dict]:
     return kustomize(MANIFESTS / "overlays" / "gpu")
-
-
-def one(objects: list[dict], kind: str, name: str | None = None) -> dict:
-    found = [o for o in objects if o["kind"] == kind and name in (None, o["metadata"]["name"])]
-    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
-    return found[0]
 
 
 def predictor_container(objects: list[dict]) -> dict:
@@ -401,9 +380,27 @@ def test_each_mode_overlay_sets_what_the_deploy_step_expects(overlay, mode, metr
 
 
 def test_the_predictor_downloads_with_the_storage_service_account(base):
+    """KServe reads the S3 settings from the ServiceAccount's Secret, where MLflow writes.
+
+    KServe's pkg/credentials/s3/utils.go (BuildS3EnvVars) reads the Secret's annotations;
+    ServiceAccount annotations only beside eks.amazonaws.com/role-arn
+    (pkg/credentials/service_account_credentials.go). tests/test_storage_real.py applies them
+    to KServe's real pod mutator.
+    """
     account = one(base, "ServiceAccount", "fineserve-storage")
-    assert account["metadata"]["annotations"]["serving.kserve.io/s3-endpoint"]
     assert {"name": "fineserve-s3"} in account["secrets"]
+    on_account = [k for k in account["metadata"].get("annotations") or {} if "s3" in k]
+    assert not on_account, f"KServe ignores S3 annotations on a ServiceAccount: {on_account}"
+    secret = one(base, "Secret", "fineserve-s3")
+    assert "data" not in secret and "stringData" not in secret, "credentials are not in git"
+    annotations = secret["metadata"]["annotations"]
+    endpoint = annotations["serving.kserve.io/s3-endpoint"]
+    scheme = "http" if annotations.get("serving.kserve.io/s3-usehttps") == "0" else "https"
+    _, mlflow = _mlflow(base)
+    env = {e["name"]: e.get("value") for e in mlflow["env"]}
+    assert f"{scheme}://{endpoint}" == env["MLFLOW_S3_ENDPOINT_URL"], (
+        "KServe downloads from another object store than MLflow writes to"
+    )
     isvc = one(base, "InferenceService")
     assert isvc["spec"]["predictor"]["serviceAccountName"] == "fineserve-storage"
 
