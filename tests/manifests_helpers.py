@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -65,3 +66,22 @@ def kubectl(kubeconfig: Path, *args: str, stdin: str | None = None) -> str:
 def apply(kubeconfig: Path, objects: list[dict]) -> str:
     """`kubectl apply -f -` of ``objects`` (client-side apply, as `kubectl apply -k` does)."""
     return kubectl(kubeconfig, "apply", "-f", "-", stdin=yaml.safe_dump_all(objects))
+
+
+def user_overlay(
+    folder: Path, namespace: str, resource: Path, patches: list[dict] | None = None
+) -> list[dict]:
+    """``resource`` (a kustomization of manifests/) as a user's own overlay builds it.
+
+    The overlay sets ``namespace`` and applies ``patches`` (kustomize's `patches` entries).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "namespace": namespace,
+        "resources": [os.path.relpath(resource, folder)],  # kustomize takes no absolute path
+        "patches": patches or [],
+    }
+    (folder / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    return kustomize(folder)

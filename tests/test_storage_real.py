@@ -14,7 +14,6 @@ Emulated: the kubelet (no container runs; see docs/control-plane.md).
 from __future__ import annotations
 
 import base64
-import os
 import subprocess
 import sys
 import textwrap
@@ -24,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 from control_plane import BUILD_TIMEOUT_S, START_TIMEOUT_S, go_missing_reason
-from manifests_helpers import MANIFESTS, apply, kubectl, kustomize, one
+from manifests_helpers import MANIFESTS, apply, kubectl, one, user_overlay
 
 from fineserve.core.cluster import Cluster
 from fineserve.core.inference_service import (
@@ -48,29 +47,22 @@ CONVERGE_S = 90
 
 
 def overlay(folder: Path, namespace: str, secret_annotations: dict | None = None) -> list[dict]:
-    """The Standard overlay as a user's own overlay builds it: its namespace, its object store.
+    """The Standard overlay in a user's overlay: its namespace, maybe its own object store.
 
     ``secret_annotations`` patch the storage Secret, as manifests/README.md tells a user with
     another object store to do.
     """
-    folder.mkdir(parents=True, exist_ok=True)
-    kustomization = {
-        "apiVersion": "kustomize.config.k8s.io/v1beta1",
-        "kind": "Kustomization",
-        "namespace": namespace,
-        "resources": [os.path.relpath(OVERLAY, folder)],  # kustomize takes no absolute one
-    }
+    patches = []
     if secret_annotations:
         patch = {
             "apiVersion": "v1",
             "kind": "Secret",
             "metadata": {"name": SECRET, "annotations": secret_annotations},
         }
-        kustomization["patches"] = [
+        patches.append(
             {"target": {"kind": "Secret", "name": SECRET}, "patch": yaml.safe_dump(patch)}
-        ]
-    (folder / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
-    return kustomize(folder)
+        )
+    return user_overlay(folder, namespace, OVERLAY, patches)
 
 
 def install_storage(kubeconfig: Path, namespace: str, objects: list[dict]) -> dict:

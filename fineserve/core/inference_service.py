@@ -42,6 +42,10 @@ _MODE_NAMES = {
 VERSION_LABEL = "fineserve.io/model-version"
 MODEL_ANNOTATION = "fineserve.io/registered-model"
 #: Serverless mode: the version of the revision a canary runs beside (the last rolled out).
+#: Written only in the write that starts a canary, never on its own: KServe copies the
+#: InferenceService's annotations into the Knative revision template (and the Deployments' pod
+#: templates; components/predictor.go, buildPredictorResources), so a change of it alone would
+#: make a revision. Read only while `canaryTrafficPercent` is below 100.
 STABLE_ANNOTATION = "fineserve.io/stable-version"
 CONTAINER_NAME = "kserve-container"  # KServe reads STORAGE_URI only from this container
 
@@ -497,9 +501,8 @@ def promote_canary(isvc: dict) -> dict:
     spec = changed["spec"]
     if mode_of(changed) == STANDARD:
         spec["predictor"] = spec.pop("canary")[0]["predictor"]
-    else:
+    else:  # traffic only: the revision template stays, so does STABLE_ANNOTATION
         spec["predictor"].pop("canaryTrafficPercent", None)
-        changed["metadata"]["annotations"][STABLE_ANNOTATION] = _version(spec["predictor"])
     return changed
 
 
