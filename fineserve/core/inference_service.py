@@ -10,6 +10,13 @@ Every predictor carries its MLflow version in the label `fineserve.io/model-vers
 revision, canary and pod maps back to a version), and the InferenceService names its registered
 model and, in Serverless mode, the version serving beside a canary in annotations.
 
+KServe copies the InferenceService's labels and annotations (but a short disallow list) into
+every predictor's pod template and Knative revision template (KServe's
+pkg/controller/v1beta1/inferenceservice/components/predictor.go, buildObjectMeta): a change to
+them alone restarts the model. So the ones set here change only together with a predictor
+spec, and what changes on its own during a rollout lives elsewhere (the canary analysis' lease
+is a `coordination.k8s.io` Lease, fineserve.core.lease).
+
 The functions here work on plain dicts (what the API returns); objects sent to the API are built
 with the kserve SDK's models.
 """
