@@ -58,6 +58,17 @@ CONTAINER_NAME = "kserve-container"  # KServe reads STORAGE_URI only from this c
 
 SERVERLESS_SCALE_METRICS = ("concurrency", "rps", "cpu", "memory")
 STANDARD_SCALE_METRICS = ("cpu", "memory")
+#: Serverless scaling on cpu or memory is Knative's HPA class: under the default class (KPA)
+#: KServe's validator allows only concurrency and rps (pkg/apis/serving/v1beta1/
+#: inference_service_validation.go, validateAutoScalingCompExtension), and Knative's too
+#: (knative.dev/serving pkg/apis/autoscaling/annotation_validation.go, validateMetric).
+AUTOSCALER_CLASS_ANNOTATION = "autoscaling.knative.dev/class"
+HPA_CLASS = "hpa.autoscaling.knative.dev"
+HPA_METRICS = ("cpu", "memory")
+#: The target when none is given: in-flight requests or requests per second per replica, or
+#: % of the request (cpu; memory in Standard mode, where KServe's HPA takes it as utilization:
+#: reconcilers/hpa/hpa_reconciler.go). Serverless memory has none (MiB per replica there).
+DEFAULT_TARGETS = {"concurrency": 8, "rps": 8, "cpu": 80, "memory": 80}
 
 
 def normalize_mode(mode: str) -> str:
@@ -138,8 +149,32 @@ def check_settings(mode: str, settings: PredictorSettings) -> None:
         problems.append(
             f"scale_metric {metric!r}: use one of {', '.join(SERVERLESS_SCALE_METRICS)}"
         )
+    elif metric in HPA_METRICS:
+        problems += _knative_hpa_problems(metric, settings.scale_target)
     if problems:
         raise ParameterError(f"{mode} mode: " + "; ".join(problems))
+
+
+def _knative_hpa_problems(metric: str, target: int) -> list[str]:
+    """Serverless targets on cpu or memory that KServe's webhook would refuse, or that mislead.
+
+    Under Knative's HPA class KServe refuses a target above 100 for either metric
+    (validateScalingHPACompExtension); Knative's HPA reads a memory target as MiB per replica
+    (knative.dev/serving pkg/reconciler/autoscaling/hpa/resources/hpa.go), so a default of
+    80 would not mean 80%.
+    """
+    unit = "% of the CPU request" if metric == "cpu" else "MiB per replica"
+    if target > 100:
+        return [
+            f"scale_target {target} with scale_metric {metric!r}: KServe allows 1-100 on "
+            f"Knative's HPA ({unit})"
+        ]
+    if metric == "memory" and not target:
+        return [
+            "scale_metric 'memory' needs a scale_target in Serverless mode: the MiB per "
+            "replica Knative's HPA aims at (1-100; or scale on cpu)"
+        ]
+    return []
 
 
 def _quantity_problems(settings: PredictorSettings) -> list[str]:
@@ -160,9 +195,22 @@ def _quantity_problems(settings: PredictorSettings) -> list[str]:
     return problems
 
 
-def default_scale(mode: str) -> tuple[str, int]:
-    """The mode's autoscaling default: (metric, target)."""
-    return ("concurrency", 8) if mode == SERVERLESS else ("cpu", 80)
+def scale_of(mode: str, settings: PredictorSettings) -> tuple[str, int]:
+    """The metric and target a predictor scales on: the settings', else the mode's default."""
+    metric = settings.scale_metric or ("concurrency" if mode == SERVERLESS else "cpu")
+    return metric, settings.scale_target or DEFAULT_TARGETS[metric]
+
+
+def set_autoscaler_class(annotations: dict, mode: str, settings: PredictorSettings) -> None:
+    """Knative's HPA class in ``annotations`` for a Serverless predictor on cpu or memory.
+
+    Otherwise the class fineserve set is taken out (KServe's default, KPA, applies); a class a
+    person set for another metric stays.
+    """
+    if mode == SERVERLESS and scale_of(mode, settings)[0] in HPA_METRICS:
+        annotations[AUTOSCALER_CLASS_ANNOTATION] = HPA_CLASS
+    elif annotations.get(AUTOSCALER_CLASS_ANNOTATION) == HPA_CLASS:
+        del annotations[AUTOSCALER_CLASS_ANNOTATION]
 
 
 def predictor_spec(mode: str, settings: PredictorSettings, *, name: str | None = None) -> Any:
@@ -181,7 +229,7 @@ def predictor_spec(mode: str, settings: PredictorSettings, *, name: str | None =
     )
 
     check_settings(mode, settings)
-    metric, target = default_scale(mode)
+    metric, target = scale_of(mode, settings)
     limits = {"cpu": settings.cpu_limit, "memory": settings.memory_limit}
     if settings.gpus:
         limits["nvidia.com/gpu"] = str(settings.gpus)
@@ -225,8 +273,8 @@ def predictor_spec(mode: str, settings: PredictorSettings, *, name: str | None =
         service_account_name=settings.service_account or None,
         min_replicas=settings.min_replicas,
         max_replicas=settings.max_replicas,
-        scale_metric=settings.scale_metric or metric,
-        scale_target=settings.scale_target or target,
+        scale_metric=metric,
+        scale_target=target,
         container_concurrency=settings.container_concurrency or None,
         containers=[container],
     )
@@ -254,6 +302,7 @@ def new_inference_service(
     annotations = {MODE_ANNOTATION: mode, MODEL_ANNOTATION: model_name}
     if mode == SERVERLESS:
         annotations[TAG_ROUTING_ANNOTATION] = "true"
+    set_autoscaler_class(annotations, mode, settings)
     predictor_name = standard_predictor_name(settings.model_version) if mode == STANDARD else None
     isvc = V1beta1InferenceService(
         api_version=f"{GROUP}/{API_VERSION}",
@@ -468,6 +517,7 @@ def start_canary(
         changed["spec"]["predictor"] = predictor
         annotations = changed["metadata"].setdefault("annotations", {})
         annotations[TAG_ROUTING_ANNOTATION] = "true"
+        set_autoscaler_class(annotations, mode, settings)
         if serving_version is not None:
             annotations[STABLE_ANNOTATION] = serving_version
     return changed
