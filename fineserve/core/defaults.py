@@ -14,6 +14,17 @@ CLUSTER_DATASET_CONFIG = "sentiment"
 #: Image the components and the predictor run in (override with FINESERVE_IMAGE at compile time).
 DEFAULT_IMAGE = "ghcr.io/fineserve/fineserve:0.1.0"
 
+#: The KServe a cluster must run (its controller, admission webhooks and CRDs, whose behaviour
+#: fineserve's InferenceServices rely on): the 0.20 line, `spec.canary` included (PEP 440).
+SUPPORTED_KSERVE = ">=0.20.0,<0.21"
+#: The release of that line everything is tested with: the test control plane builds it
+#: (controlplane/go.mod), the cluster workflow installs it (.github/workflows/cluster.yml), and
+#: the tests run its storage-initializer code (kserve-storage in constraints.txt). The docs
+#: name the line; tests/test_kserve_release.py fails when any of them disagrees. (The Python
+#: `kserve` package is another thing: the predictor's model-server library and the typed API
+#: models, pinned on its own in constraints.txt; see docs/cluster-ci.md.)
+KSERVE_RELEASE = "0.20.0"
+
 
 def _package_dir(name: str) -> Path:
     spec = importlib.util.find_spec(name)
