@@ -391,6 +391,24 @@ def test_two_analyzers_racing_for_the_lease_one_wins(canary):
     assert _lease_of(canary)[0] == "b"
 
 
+def test_a_lease_call_the_api_never_answers_ends_with_a_message(tmp_path):
+    """Every Lease request has the Cluster's timeouts (a hung API ends the command)."""
+    from test_timeouts import _kubeconfig
+
+    with SilentServer() as silent:
+        server = f"http://127.0.0.1:{silent.port}"
+        path = _kubeconfig(tmp_path / "kubeconfig", server)
+        hung = Cluster(context="hung", config_file=str(path), timeout=1)
+        started = time.monotonic()
+        with pytest.raises(ClusterError) as failed:
+            _lease(hung, "a").acquire()
+    assert time.monotonic() - started < 15
+    assert str(failed.value) == (
+        f"the Kubernetes API at {server} did not answer within 1s (2 tries) to get "
+        f"Lease {LEASE_NAME!r} in namespace 'ns'"
+    )
+
+
 @pytest.mark.parametrize("existing", [None, "gone/1"], ids=["no-lease-yet", "expired-lease"])
 def test_a_lease_taken_between_our_read_and_our_write_is_not_overwritten(
     canary, monkeypatch, existing
